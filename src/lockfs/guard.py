@@ -1,0 +1,196 @@
+"""The only bridge between the passthrough and the lease.
+
+ops.py asks ``admit(ctx, what)`` before any request that needs the lease; the
+guard identifies the caller (identity.py), asks the lease (lease.py), takes or
+drops the OFD lock (lockfile.py) when the lease changes hands, and watches
+the holder's processes (watch.py). Refusals become EBUSY, one log line each
+(identical ones rate-limited, all counted).
+
+Fail closed: a caller that cannot be identified is refused.
+
+Concurrency: everything runs on the trio thread without awaiting, so a
+decision and the system call it allows are never interleaved with another
+request's decision.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+import trio
+from pyfuse3 import FUSEError, RequestContext
+
+from lockfs.identity import Identities, UnknownCaller
+from lockfs.lease import Caller, Lease, LeaseBusy
+from lockfs.lockfile import LockFile
+from lockfs.watch import ProcessWatcher
+
+log = logging.getLogger(__name__)
+
+REFUSAL_LOG_INTERVAL = 5.0  # seconds between two log lines for the same refusal
+HANDLE_OPENING = frozenset({"open", "create"})
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """What status reports about the mount itself."""
+
+    source: str
+    mountpoint: str
+    lockfile: str
+    hidden_name: str | None  # the lockfile's name in SRC's root, when it lives there
+
+
+class Guard:
+    """Decides, per request, whether the caller may use the directory."""
+
+    def __init__(self, lease: Lease, identities: Identities, lockfile: LockFile,
+                 info: MountInfo, hidden: set[tuple[tuple[int, int], bytes]]) -> None:
+        self.lease = lease
+        self.identities = identities
+        self.lockfile = lockfile
+        self.info = info
+        self._hidden = hidden
+        self._hidden_names = {name for _key, name in hidden}
+        self._watcher: ProcessWatcher | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._last_logged: dict[tuple[str, str, str], float] = {}
+        self._suppressed = 0
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Bind to the running trio loop (process watchers live in ``nursery``)."""
+        self._watcher = ProcessWatcher(nursery, self._process_exited)
+        self._trio_token = trio.lowlevel.current_trio_token()
+
+    def close(self) -> None:
+        self.lease.abandon()
+        self.lockfile.close()
+        self.identities.forget_all()
+
+    # ----------------------------------------------------------- Gate protocol
+
+    def admit(self, ctx: RequestContext, what: str) -> Caller:
+        try:
+            caller = self.identities.resolve(ctx.pid)
+        except UnknownCaller as exc:
+            self._refuse(f"pid {ctx.pid}", None, what, str(exc))
+        try:
+            needs_grant = self.lease.check(caller)
+        except LeaseBusy as exc:
+            self._refuse(str(caller), caller, what, str(exc))
+        if needs_grant:
+            self._take(caller, what)
+        if self.lease.note_process(caller) and not self._watch(caller.tgid):
+            self.lease.process_exited(caller.tgid)
+        if what not in HANDLE_OPENING and self._trio_token is not None:
+            # In hold=open a request that opens nothing leaves the lease free,
+            # once it has run: check right after this handler returns.
+            self._trio_token.run_sync_soon(self._release_if_unused)
+        return caller
+
+    def handle_opened(self, token: object, handle: int) -> None:
+        if isinstance(token, Caller):
+            self.lease.handle_opened(token.client, handle)
+
+    def dir_handle_opened(self, ctx: RequestContext, handle: int) -> None:
+        holder = self.lease.holder
+        if holder is None:
+            return
+        try:
+            caller = self.identities.resolve(ctx.pid)
+        except UnknownCaller:
+            return
+        if caller.client == holder:
+            self.lease.handle_opened(holder, handle)
+
+    def handle_closed(self, handle: int) -> None:
+        if self.lease.handle_closed(handle):
+            self._drop("its last handle was closed")
+
+    def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool:
+        return name in self._hidden_names and (parent_key, name) in self._hidden
+
+    def status(self) -> bytes:
+        return json.dumps(self.status_record(), sort_keys=True).encode()
+
+    # ----------------------------------------------------------- status
+
+    def status_record(self) -> dict[str, object]:
+        stats = self.lease.statistics()
+        if stats.state == "held":
+            state = "held here"
+        elif self.lockfile.held_elsewhere():
+            state = "held by another mount"
+        else:
+            state = "free"
+        record: dict[str, object] = {
+            "mountpoint": self.info.mountpoint,
+            "source": self.info.source,
+            "lockfile": self.info.lockfile,
+            "hold": stats.mode,
+            "state": state,
+            "holder": stats.holder,
+            "since": stats.since,
+            "processes": {str(pid): command for pid, command in sorted(stats.processes.items())},
+            "open_handles": stats.handles,
+            "refusals": stats.refusals,
+            "last_refusal": asdict(stats.last_refusal) if stats.last_refusal else None,
+            "daemon_pid": os.getpid(),
+        }
+        if state == "held by another mount":
+            record["other_mount"] = self.lockfile.read_record()
+        return record
+
+    # ----------------------------------------------------------- internals
+
+    def _take(self, caller: Caller, what: str) -> None:
+        if not self.lockfile.try_lock():
+            other = self.lockfile.read_record() or {}
+            where = (f"another lockfs mount (daemon pid {other.get('daemon_pid', '?')} on "
+                     f"{other.get('host', '?')}, mountpoint {other.get('mountpoint', '?')})")
+            self._refuse(str(caller), caller, what, f"lockfile {self.info.lockfile} is held by "
+                         f"{where}")
+        self.lease.grant(caller)
+        self.lockfile.write_record({
+            "host": socket.gethostname(), "daemon_pid": os.getpid(),
+            "mountpoint": self.info.mountpoint, "holder": str(caller.client),
+            "since": time.time(),
+        })
+        log.info("lease taken by %s for %s", caller, what)
+
+    def _drop(self, why: str) -> None:
+        self.lockfile.unlock()
+        log.info("lease released: %s", why)
+
+    def _release_if_unused(self) -> None:
+        if self.lease.release_if_unused():
+            self._drop("the request that took it opened nothing (hold=open)")
+
+    def _watch(self, pid: int) -> bool:
+        return self._watcher is not None and self._watcher.watch(pid)
+
+    def _process_exited(self, pid: int) -> None:
+        if self.lease.process_exited(pid):
+            self._drop(f"the holder's last process {pid} exited")
+
+    def _refuse(self, who: str, caller: Caller | None, what: str, reason: str):
+        """Count, log (rate-limited) and raise EBUSY."""
+        self.lease.refused(who, what, reason)
+        key = (str(caller.client) if caller else who, what, reason)
+        now = time.monotonic()
+        if now - self._last_logged.get(key, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            if len(self._last_logged) > 1024:
+                self._last_logged.clear()
+            self._last_logged[key] = now
+            extra = f" ({self._suppressed} similar refusals not logged)" if self._suppressed else ""
+            self._suppressed = 0
+            log.warning("refused %s by %s: %s%s", what, who, reason, extra)
+        else:
+            self._suppressed += 1
+        raise FUSEError(errno.EBUSY)

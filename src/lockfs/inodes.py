@@ -1,0 +1,140 @@
+"""The inode table: FUSE inode numbers mapped to O_PATH descriptors of backing objects.
+
+Why descriptors and not paths: a path rebuilt from names can be redirected by a
+concurrent rename or a symlink swapped into the backing tree, and then an
+operation lands outside SRC. Every object the kernel knows about is held here
+by one ``O_PATH | O_NOFOLLOW`` descriptor, and every operation is an ``*at()``
+call relative to such a descriptor, so nothing is ever resolved by path.
+
+Inode numbers: objects on SRC's own filesystem keep their backing st_ino (so
+``ls -i``, hard-link detection and tar behave as on the backing store), with
+SRC's root swapped with FUSE's root number 1. Objects on another filesystem
+(a mount point inside SRC, or an overlayfs layer that reports its own st_dev)
+get numbers from a private range above 2**63, so numbers stay unique.
+
+Lookup counts follow the kernel's: every reply that hands out an entry adds
+one, ``forget`` subtracts, and the descriptor is closed at zero. A forget for
+more than the table holds is logged and clamped, never raised: an exception
+would end the daemon.
+
+Concurrency: all calls run on the trio thread and never await, so no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+FOREIGN_BASE = 1 << 63
+
+BackingKey = tuple[int, int]  # (st_dev, st_ino)
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One backing object the kernel knows: its descriptor and lookup count."""
+
+    ino: int
+    key: BackingKey
+    fd: int
+    nlookup: int = 0
+    is_dir: bool = False
+
+
+class InodeTable:
+    """Owns every O_PATH descriptor of the mount; closes them when forgotten."""
+
+    def __init__(self, root_fd: int) -> None:
+        st = os.fstat(root_fd)
+        self.root_key: BackingKey = (st.st_dev, st.st_ino)
+        self.root_dev = st.st_dev
+        self._by_ino: dict[int, Inode] = {}
+        self._by_key: dict[BackingKey, Inode] = {}
+        self._foreign: dict[BackingKey, int] = {}
+        self._next_foreign = FOREIGN_BASE
+        root = Inode(ROOT_INODE, self.root_key, root_fd, nlookup=1, is_dir=True)
+        self._by_ino[ROOT_INODE] = root
+        self._by_key[self.root_key] = root
+
+    def __len__(self) -> int:
+        return len(self._by_ino)
+
+    def ino_for(self, key: BackingKey) -> int:
+        """The FUSE inode number for a backing object (stable while it is known)."""
+        dev, ino = key
+        if dev == self.root_dev:
+            if key == self.root_key:
+                return ROOT_INODE
+            if ino == ROOT_INODE:
+                return self.root_key[1]
+            return ino
+        number = self._foreign.get(key)
+        if number is None:
+            number = self._next_foreign
+            self._next_foreign += 1
+            self._foreign[key] = number
+        return number
+
+    def get(self, ino: int) -> Inode:
+        """The entry for ``ino``; ESTALE if the kernel names one we do not hold."""
+        try:
+            return self._by_ino[ino]
+        except KeyError:
+            log.error("internal error: request for unknown inode %d", ino)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def find(self, key: BackingKey) -> Inode | None:
+        return self._by_key.get(key)
+
+    def remember(self, fd: int, st: os.stat_result) -> Inode:
+        """Count one more kernel reference to the object open as ``fd``.
+
+        Takes ownership of ``fd``: it is kept for a new object and closed when
+        the object was already known (the known descriptor stays authoritative).
+        """
+        key = (st.st_dev, st.st_ino)
+        known = self._by_key.get(key)
+        if known is not None:
+            os.close(fd)
+            known.nlookup += 1
+            return known
+        entry = Inode(self.ino_for(key), key, fd, nlookup=1, is_dir=_is_dir(st.st_mode))
+        self._by_ino[entry.ino] = entry
+        self._by_key[key] = entry
+        return entry
+
+    def add_reference(self, entry: Inode) -> None:
+        entry.nlookup += 1
+
+    def forget(self, ino: int, count: int) -> None:
+        """Drop ``count`` kernel references; close the descriptor at zero."""
+        entry = self._by_ino.get(ino)
+        if entry is None or ino == ROOT_INODE:
+            return
+        if count > entry.nlookup:
+            log.error("internal error: forget %d of inode %d that has %d lookups",
+                      count, ino, entry.nlookup)
+            count = entry.nlookup
+        entry.nlookup -= count
+        if entry.nlookup == 0:
+            del self._by_ino[ino]
+            del self._by_key[entry.key]
+            self._foreign.pop(entry.key, None)
+            os.close(entry.fd)
+
+    def close_all(self) -> None:
+        for entry in self._by_ino.values():
+            os.close(entry.fd)
+        self._by_ino.clear()
+        self._by_key.clear()
+
+
+def _is_dir(mode: int) -> bool:
+    return (mode & 0o170000) == 0o040000

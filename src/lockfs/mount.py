@@ -1,0 +1,284 @@
+"""Mount: validate, detach, serve, and report readiness only once the mount answers.
+
+Order matters:
+1. Every check that can fail with a clear line runs first, in the caller's
+   process, so errors land on the user's terminal.
+2. Without --foreground the process forks; the parent waits on a pipe for the
+   child's "ready" or its one-line error and exits with the matching code.
+3. The child opens the lockfile *after* the fork: an OFD lock lives as long as
+   any descriptor of its open file description, and a parent holding a copy
+   would keep the lock alive after the daemon died.
+4. "ready" (and systemd's READY=1) is sent once a stat of DST, made from a
+   worker thread, has been answered by this very daemon.
+SIGTERM, SIGINT and SIGHUP end the FUSE loop; the mount is then unmounted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+
+import pyfuse3
+import trio
+
+from lockfs.checks import (
+    check_fuse_device,
+    check_mountpoint,
+    check_not_nested,
+    check_source,
+)
+from lockfs.errors import (
+    BadPathError,
+    FuseUnavailableError,
+    LockfileUnusableError,
+    LockfsError,
+)
+from lockfs.guard import Guard, MountInfo
+from lockfs.identity import Identities
+from lockfs.inodes import InodeTable
+from lockfs.lease import Lease
+from lockfs.lockfile import LockFile, LockfileError
+from lockfs.logsetup import setup_logging
+from lockfs.ops import Operations
+from lockfs.options import DEFAULT_LOCKFILE_NAME, MountOptions
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+# Caching (see docs/how-it-works.md): while this mount serves, only its holder
+# writes, and every change made through the mount updates the kernel's caches
+# for that inode itself, so entries and attributes may be cached. The timeouts
+# stay short so that a change made directly in SRC (not supported, but it
+# happens) or by another mount after a handover is seen within a second.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+KEEP_CACHE = False
+
+
+def run_mount(options: MountOptions) -> int:
+    """Mount as asked; returns the exit status for the command line."""
+    source = check_source(options.source)
+    check_fuse_device()
+    mountpoint = check_mountpoint(options.mountpoint)
+    check_not_nested(source, mountpoint)
+    lockfile_path = resolve_lockfile(options.lockfile, source, mountpoint)
+    probe_lockfile(lockfile_path)
+    options = _with_paths(options, source, mountpoint, lockfile_path)
+
+    if options.foreground:
+        return serve(options, report=None)
+    return _detach_and_wait(options)
+
+
+def resolve_lockfile(requested: str | None, source: str, mountpoint: str) -> str:
+    if requested is None:
+        return os.path.join(source, DEFAULT_LOCKFILE_NAME)
+    path = os.path.abspath(requested)
+    parent = os.path.realpath(os.path.dirname(path))
+    if parent == mountpoint or parent.startswith(mountpoint + "/"):
+        raise LockfileUnusableError(f"lockfile {requested}: must not be inside DST {mountpoint}")
+    if not os.path.isdir(parent):
+        raise LockfileUnusableError(f"lockfile {requested}: directory {parent} does not exist")
+    return os.path.join(parent, os.path.basename(path))
+
+
+def probe_lockfile(path: str) -> None:
+    """Fail now, with a clear line, when the lockfile cannot take OFD locks."""
+    lockfile = LockFile(path)
+    try:
+        lockfile.open()
+    except LockfileError as exc:
+        raise LockfileUnusableError(str(exc)) from None
+    lockfile.close()
+
+
+def _with_paths(options: MountOptions, source: str, mountpoint: str,
+                lockfile: str) -> MountOptions:
+    return dataclasses.replace(options, source=source, mountpoint=mountpoint, lockfile=lockfile)
+
+
+# ----------------------------------------------------------------- detaching
+
+
+def _detach_and_wait(options: MountOptions) -> int:
+    """Fork; the parent relays the child's readiness or error and exits accordingly."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        _redirect_stdio()
+        report = os.fdopen(write_end, "w", buffering=1)
+        code = 1
+        try:
+            code = serve(options, report=report)
+        except LockfsError as exc:
+            _report(report, f"error {exc.code} {exc}")
+            code = exc.code
+        except BaseException as exc:
+            logging.getLogger(__name__).exception("lockfs daemon failed")
+            _report(report, f"error 1 daemon failed: {exc}")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = _read_with_timeout(pipe, READY_TIMEOUT)
+    if message == "ready":
+        return 0
+    if message.startswith("error "):
+        _, code, text = message.split(" ", 2)
+        raise _ReportedError(int(code), text)
+    raise FuseUnavailableError(f"lockfs daemon (pid {pid}) did not report readiness: "
+                               f"{message or 'it exited'}")
+
+
+class _ReportedError(LockfsError):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _read_with_timeout(pipe, timeout: float) -> str:
+    ready, _, _ = select.select([pipe], [], [], timeout)
+    if not ready:
+        return "timed out"
+    return pipe.readline().strip()
+
+
+def _redirect_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _report(report, message: str) -> None:
+    if report is None:
+        return
+    try:
+        report.write(message + "\n")
+        report.flush()
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------- serving
+
+
+def serve(options: MountOptions, report) -> int:
+    """Mount and serve until unmounted or signalled; returns the exit status."""
+    where = setup_logging(foreground=options.foreground and report is None,
+                          debug=options.debug, log_file=options.log_file)
+    _raise_fd_limit()
+    os.umask(0)  # the kernel already applied the caller's umask to every mode
+    if report is not None:
+        os.chdir("/")
+
+    if options.lockfile is None:
+        raise LockfileUnusableError("no lockfile path was resolved")
+    root_fd = os.open(options.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    table = InodeTable(root_fd)
+    lockfile = LockFile(options.lockfile)
+    try:
+        lockfile.open()
+    except LockfileError as exc:
+        table.close_all()
+        raise LockfileUnusableError(str(exc)) from None
+    hidden = _hidden_entries(options.lockfile, options.source)
+    guard = Guard(
+        Lease(options.hold), Identities(), lockfile,
+        MountInfo(options.source, options.mountpoint, options.lockfile,
+                  os.path.basename(options.lockfile) if hidden else None),
+        hidden,
+    )
+    operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
+                            attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE)
+    try:
+        pyfuse3.init(operations, options.mountpoint, options.libfuse_options())
+    except RuntimeError as exc:
+        guard.close()
+        table.close_all()
+        raise FuseUnavailableError(f"DST {options.mountpoint}: mounting failed ({exc})") from None
+    log.info("mounted %s at %s (hold=%s, lockfile %s, logs to %s)", options.source,
+             options.mountpoint, options.hold.value, options.lockfile, where)
+    try:
+        trio.run(_serve_async, options, guard, report)
+    finally:
+        pyfuse3.close(unmount=True)
+        guard.close()
+        table.close_all()
+        log.info("unmounted %s", options.mountpoint)
+    return 0
+
+
+async def _serve_async(options: MountOptions, guard: Guard, report) -> None:
+    async with trio.open_nursery() as nursery:
+        guard.start(nursery)
+        nursery.start_soon(_terminate_on_signals, name="signals")
+        nursery.start_soon(_announce_ready, options.mountpoint, report, name="readiness")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel(reason="FUSE session ended")
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mountpoint: str, report) -> None:
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    log.info("mount ready at %s", mountpoint)
+    _report(report, "ready")
+    _notify_systemd(b"READY=1")
+
+
+def _notify_systemd(message: bytes) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
+
+
+def _raise_fd_limit() -> None:
+    """Each known inode costs a descriptor: allow as many as the kernel lets us."""
+    try:
+        with open("/proc/sys/fs/nr_open") as nr_open:
+            ceiling = int(nr_open.read())
+    except (OSError, ValueError):
+        ceiling = 1 << 20
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (ceiling, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def _hidden_entries(lockfile: str, source: str) -> set[tuple[tuple[int, int], bytes]]:
+    """The (directory, name) of the lockfile when it lives inside SRC."""
+    parent = os.path.dirname(lockfile)
+    if parent != source and not parent.startswith(source + "/"):
+        return set()
+    st = os.stat(parent)
+    return {((st.st_dev, st.st_ino), os.fsencode(os.path.basename(lockfile)))}
+
+
+__all__ = ["BadPathError", "resolve_lockfile", "run_mount", "serve"]

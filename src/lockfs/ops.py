@@ -1,0 +1,486 @@
+"""The passthrough: one short pyfuse3 handler per FUSE operation.
+
+This module only translates FUSE requests into system calls on the backing
+store; it knows nothing of leases. Before any side effect, a handler that
+SPEC.md lists as needing the lease asks its ``Gate`` (``gate.admit``), which
+raises EBUSY for a refused caller. Handles given out are reported to the gate
+so that it can count what the holder has open.
+
+Rules every handler follows:
+- No path strings: names are resolved with ``*at()`` calls relative to O_PATH
+  descriptors held in the inode table, never followed through symlinks, and
+  ``..`` of the root is the root.
+- Cheap system calls run inline on the trio thread (a thread hop costs about
+  ten times a 128 KiB pread); only fsync-like calls go to a worker thread.
+- ``fuse_errors`` turns OSError into FUSEError(errno) and anything else into
+  EIO with a logged traceback, because pyfuse3 ends the daemon on any other
+  exception.
+
+Caching: see ``CachePolicy`` in options.py; the values are chosen there.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
+
+from lockfs import syscalls
+from lockfs.inodes import ROOT_INODE, Inode, InodeTable
+
+log = logging.getLogger(__name__)
+
+STATUS_XATTR = b"user.lockfs.status"
+PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# Flags the backing open must not see: creation is done by create(), O_NOFOLLOW
+# would refuse the /proc/self/fd magic link, O_DIRECT needs aligned buffers.
+OPEN_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
+
+
+class Gate(Protocol):
+    """What the passthrough asks of the lease (implemented by guard.Guard)."""
+
+    def admit(self, ctx: RequestContext, what: str) -> object:
+        """Return a token for an admitted caller; raise FUSEError(EBUSY) otherwise."""
+
+    def handle_opened(self, token: object, handle: int) -> None: ...
+
+    def dir_handle_opened(self, ctx: RequestContext, handle: int) -> None: ...
+
+    def handle_closed(self, handle: int) -> None: ...
+
+    def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool: ...
+
+    def status(self) -> bytes: ...
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_errors(handler: F) -> F:
+    """Map every failure of ``handler`` to a FUSEError so the daemon survives it."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                log.error("%s: out of file descriptors: %s", handler.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s; answering EIO", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def proc_path(fd: int) -> str:
+    """The /proc magic link that reopens an O_PATH descriptor with real access."""
+    return f"/proc/self/fd/{fd}"
+
+
+class DirHandle:
+    """An open directory: its descriptor and a snapshot of its names.
+
+    The snapshot, taken at offset 0, makes offsets stable: a listing that runs
+    while entries are created or removed reports every name exactly once.
+    """
+
+    __slots__ = ("fd", "inode", "names")
+
+    def __init__(self, fd: int, inode: Inode) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.names: list[str] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """A faithful passthrough of one backing directory, descriptor-based throughout."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, table: InodeTable, gate: Gate, *, entry_timeout: float,
+                 attr_timeout: float, keep_cache: bool) -> None:
+        super().__init__()
+        self.table = table
+        self.gate = gate
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.keep_cache = keep_cache
+        self.dirs: dict[int, DirHandle] = {}
+
+    # ----------------------------------------------------------- helpers
+
+    def _attributes(self, entry: Inode, st: os.stat_result) -> EntryAttributes:
+        attr = EntryAttributes()
+        attr.st_ino = entry.ino
+        attr.generation = 0
+        attr.entry_timeout = self.entry_timeout
+        attr.attr_timeout = self.attr_timeout
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = st.st_blksize
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Look ``name`` up in ``parent`` and count one kernel reference to it."""
+        if name == b"." or (name == b".." and parent.ino == ROOT_INODE):
+            self.table.add_reference(parent)
+            return parent, os.fstat(parent.fd)
+        if self.gate.is_hidden(parent.key, name):
+            raise FUSEError(errno.ENOENT)
+        fd = os.open(name, PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return self.table.remember(fd, st), st
+
+    def _entry(self, parent: Inode, name: bytes) -> EntryAttributes:
+        entry, st = self._child(parent, name)
+        return self._attributes(entry, st)
+
+    def _refuse_hidden(self, parent: Inode, name: bytes) -> None:
+        """The reserved lockfile name can be neither made nor replaced."""
+        if self.gate.is_hidden(parent.key, name):
+            log.warning("refused to touch the reserved lockfile name %r", name)
+            raise FUSEError(errno.EPERM)
+
+    def _give_to_caller(self, parent: Inode, name: bytes, ctx: RequestContext) -> None:
+        """Make a new object the caller's, as the kernel would have.
+
+        The daemon creates as root; the object then gets the caller's uid and
+        gid, or keeps the directory's gid when the directory is setgid.
+        """
+        parent_mode = os.fstat(parent.fd).st_mode
+        gid = -1 if parent_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    # ----------------------------------------------------------- lookups
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: RequestContext) -> EntryAttributes:
+        return self._entry(self.table.get(parent_inode), name)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.table.forget(ino, count)
+            except OSError:
+                log.exception("forget of inode %d failed", ino)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        entry = self.table.get(inode)
+        return self._attributes(entry, os.fstat(entry.fd))
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: RequestContext) -> EntryAttributes:
+        self.gate.admit(ctx, "setattr")
+        entry = self.table.get(inode)
+        if fields.update_mode:
+            if fh is not None:
+                os.fchmod(fh, stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(proc_path(entry.fd), stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            syscalls.chown_fd(entry.fd, uid, gid)
+        if fields.update_size:
+            if fh is not None:
+                os.ftruncate(fh, attr.st_size)
+            else:
+                os.truncate(proc_path(entry.fd), attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            syscalls.utimens_fd(
+                entry.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return self._attributes(entry, os.fstat(entry.fd))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.table.get(inode).fd)
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
+        st = os.fstat(self.table.get(inode).fd)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+        if ctx.uid == st.st_uid:
+            bits = (st.st_mode >> 6) & 7
+        elif ctx.gid == st.st_gid or st.st_gid in _supplementary_groups(ctx.pid):
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return (mode & bits) == mode
+
+    @fuse_errors
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.table.get(ROOT_INODE).fd)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, field, getattr(st, field))
+        return data
+
+    # ----------------------------------------------------------- creating and removing
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
+        self.gate.admit(ctx, "mknod")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: RequestContext) -> EntryAttributes:
+        self.gate.admit(ctx, "mkdir")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: RequestContext) -> EntryAttributes:
+        self.gate.admit(ctx, "symlink")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: RequestContext) -> EntryAttributes:
+        self.gate.admit(ctx, "link")
+        entry = self.table.get(inode)
+        parent = self.table.get(new_parent_inode)
+        self._refuse_hidden(parent, new_name)
+        syscalls.link_fd(entry.fd, parent.fd, new_name)
+        self.table.add_reference(entry)
+        return self._attributes(entry, os.fstat(entry.fd))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.gate.admit(ctx, "unlink")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.gate.admit(ctx, "rmdir")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        os.rmdir(name, dir_fd=parent.fd)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: RequestContext) -> None:
+        self.gate.admit(ctx, "rename")
+        old = self.table.get(parent_inode_old)
+        new = self.table.get(parent_inode_new)
+        self._refuse_hidden(old, name_old)
+        self._refuse_hidden(new, name_new)
+        if flags == 0:
+            os.rename(name_old, name_new, src_dir_fd=old.fd, dst_dir_fd=new.fd)
+        elif flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+            raise FUSEError(errno.EINVAL)
+        else:
+            syscalls.rename2(old.fd, name_old, new.fd, name_new, flags)
+
+    # ----------------------------------------------------------- files
+
+    def _file_info(self, fd: int) -> FileInfo:
+        return FileInfo(fh=fd, keep_cache=self.keep_cache)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        token = self.gate.admit(ctx, "open")
+        entry = self.table.get(inode)
+        fd = os.open(proc_path(entry.fd), (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC)
+        self.gate.handle_opened(token, fd)
+        return self._file_info(fd)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+        token = self.gate.admit(ctx, "create")
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        base = (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = os.open(name, base, dir_fd=parent.fd)
+        else:
+            try:
+                self._give_to_caller(parent, name, ctx)
+                if mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.fchmod(fd, stat.S_IMODE(mode))  # chown cleared them
+            except OSError:
+                os.close(fd)
+                raise
+        try:
+            entry_attrs = self._entry(parent, name)
+        except (OSError, FUSEError):
+            os.close(fd)
+            raise
+        self.gate.handle_opened(token, fd)
+        return self._file_info(fd), entry_attrs
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return os.pread(fh, size, off)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            return os.pwrite(fh, buf, off)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        # close() of a duplicate reports write-back errors (NFS) like close() would.
+        os.close(os.dup(fh))
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        try:
+            os.close(fh)
+        finally:
+            self.gate.handle_closed(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
+
+    # ----------------------------------------------------------- directories
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        entry = self.table.get(inode)
+        fd = os.open(proc_path(entry.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dirs[fd] = DirHandle(fd, entry)
+        self.gate.dir_handle_opened(ctx, fd)
+        return fd
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dirs[fh]
+        if start_id == 0 or handle.names is None:
+            handle.names = [".", "..", *os.listdir(handle.fd)]
+        names = handle.names
+        directory = handle.inode
+        for index in range(start_id, len(names)):
+            name = os.fsencode(names[index])
+            if index < 2:
+                st = os.fstat(directory.fd) if index == 0 or directory.ino == ROOT_INODE \
+                    else os.stat(b"..", dir_fd=directory.fd, follow_symlinks=False)
+                attrs = EntryAttributes()
+                attrs.st_ino = self.table.ino_for((st.st_dev, st.st_ino))
+                attrs.st_mode = st.st_mode
+                # The kernel takes no lookup reference for "." and "..".
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                    return
+                continue
+            if self.gate.is_hidden(directory.key, name):
+                continue
+            try:
+                entry, st = self._child(directory, name)
+            except (OSError, FUSEError):
+                continue  # removed since the snapshot
+            if not pyfuse3.readdir_reply(token, name, self._attributes(entry, st), index + 1):
+                self.table.forget(entry.ino, 1)
+                return
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        handle = self.dirs.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+            self.gate.handle_closed(fh)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
+
+    # ----------------------------------------------------------- extended attributes
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: RequestContext) -> None:
+        if inode == ROOT_INODE and name == STATUS_XATTR:
+            raise FUSEError(errno.EPERM)
+        self.gate.admit(ctx, "setxattr")
+        os.setxattr(proc_path(self.table.get(inode).fd), name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == STATUS_XATTR:
+            return self.gate.status()
+        try:
+            return os.getxattr(proc_path(self.table.get(inode).fd), name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
+        names = os.listxattr(proc_path(self.table.get(inode).fd))
+        return [os.fsencode(name) for name in names]
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.gate.admit(ctx, "removexattr")
+        try:
+            os.removexattr(proc_path(self.table.get(inode).fd), name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+
+def _supplementary_groups(pid: int) -> list[int]:
+    try:
+        return list(pyfuse3.get_sup_groups(pid))
+    except OSError:
+        return []
