@@ -47,8 +47,12 @@ class LockFile:
                                0o600)
         except OSError as exc:
             raise LockfileError(f"lockfile {self.path}: cannot open: {exc.strerror}") from None
+        if os.path.isdir(self.path):
+            self.close()
+            raise LockfileError(f"lockfile {self.path}: is a directory")
         try:
-            self._fcntl(F_OFD_GETLK, fcntl.F_WRLCK)
+            if self.try_lock():  # a real lock proves more than F_OFD_GETLK would
+                self.unlock()
         except OSError as exc:
             self.close()
             raise LockfileError(
