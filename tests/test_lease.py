@@ -303,3 +303,21 @@ def test_unusable_lockfile_refuses_to_mount(tmp_path: Path, where: str) -> None:
     assert "Traceback" not in result.stderr
     assert os.listdir(dst) == []
     assert os.listdir(src) == []
+
+
+def test_lost_lock_fences_the_holder(mounted, agents) -> None:
+    """A lockfile removed behind the daemon's back means the lock no longer protects
+    anything: the holder is fenced (its handles fail) and the next client locks the
+    file the path names now."""
+    a, b = agents(), agents()
+    fd = a.call("open", str(mounted.dst / "data"), "rw")
+    a.call("write", fd, "before")
+    (mounted.src / ".lockfs-lease").unlink()
+    wait_for(lambda: "fenced" in mounted.log_text(), what="the holder fenced")
+    assert a.errno_of("write", fd, "after") == errno.EBADF
+    assert (mounted.src / "data").read_text() == "before"
+    assert status_of(mounted.dst)["state"] == "free"
+    b.call("open", str(mounted.dst / "data"), "r")
+    record = json.loads((mounted.src / ".lockfs-lease").read_text())
+    assert record["daemon_pid"] == mounted.daemon_pid
+    assert status_of(mounted.dst)["state"] == "held here"

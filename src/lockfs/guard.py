@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import trio
@@ -34,6 +35,7 @@ from lockfs.watch import ProcessWatcher
 log = logging.getLogger(__name__)
 
 REFUSAL_LOG_INTERVAL = 5.0  # seconds between two log lines for the same refusal
+LOCK_CHECK_INTERVAL = 1.0  # seconds between two checks that a held OFD lock still stands
 HANDLE_OPENING = frozenset({"open", "create"})
 
 
@@ -62,11 +64,14 @@ class Guard:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._last_logged: dict[tuple[str, str, str], float] = {}
         self._suppressed = 0
+        # Set by mount.py: makes the given handles fail every further request.
+        self.revoke: Callable[[frozenset[int]], None] = lambda handles: None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (process watchers live in ``nursery``)."""
         self._watcher = ProcessWatcher(nursery, self._process_exited)
         self._trio_token = trio.lowlevel.current_trio_token()
+        nursery.start_soon(self._watch_lock, name="lock check")
 
     def close(self) -> None:
         self.lease.abandon()
@@ -167,6 +172,25 @@ class Guard:
     def _drop(self, why: str) -> None:
         self.lockfile.unlock()
         log.info("lease released: %s", why)
+
+    async def _watch_lock(self) -> None:
+        """Fence the holder when its OFD lock is lost (see LockFile.still_locked).
+
+        There is no notification for a lost lock, so this checks once per
+        LOCK_CHECK_INTERVAL, and only while the lease is held.
+        """
+        while True:
+            await trio.sleep(LOCK_CHECK_INTERVAL)
+            if self.lease.holder is not None and not self.lockfile.still_locked():
+                self.fence(f"the OFD lock on {self.info.lockfile} was lost")
+
+    def fence(self, why: str) -> None:
+        """Drop the lease and revoke every handle its holder has open."""
+        holder, handles = self.lease.abandon()
+        self.revoke(handles)
+        self.lockfile.unlock()
+        log.error("lease of %s fenced: %s; %d open handles revoked (further I/O on them "
+                  "fails with EBADF)", holder, why, len(handles))
 
     def _release_if_unused(self) -> None:
         if self.lease.release_if_unused():

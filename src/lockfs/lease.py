@@ -188,10 +188,16 @@ class Lease:
             return False
         return self._release_if_unused()
 
-    def abandon(self) -> Client | None:
-        """Drop the lease whatever holds it (the OFD lock was lost); returns the old holder."""
+    def abandon(self) -> tuple[Client | None, frozenset[int]]:
+        """Drop the lease whatever holds it (the OFD lock was lost).
+
+        Returns:
+            The old holder and the handles it had open, which must be revoked.
+        """
         held, self._held = self._held, None
-        return held.client if held else None
+        if held is None:
+            return None, frozenset()
+        return held.client, frozenset(held.handles)
 
     def refused(self, who: str, what: str, reason: str) -> Refusal:
         """Count one refused request and remember it as the latest."""

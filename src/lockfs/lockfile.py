@@ -60,7 +60,14 @@ class LockFile:
                 f"({exc.strerror}); lockfs refuses to run without them") from None
 
     def try_lock(self) -> bool:
-        """Take the write lock; False when another open file description holds it."""
+        """Take the write lock; False when another open file description holds it.
+
+        If the lockfile was removed or replaced in the backing store since it
+        was opened, the path is opened again first: every daemon must lock
+        the file that the path names now, or two could each hold "a" lock.
+        """
+        if not self._names_our_file():
+            self._reopen()
         try:
             self._fcntl(F_OFD_SETLK, fcntl.F_WRLCK)
         except OSError as exc:
@@ -69,6 +76,20 @@ class LockFile:
             raise
         self.locked = True
         return True
+
+    def _names_our_file(self) -> bool:
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        mine = os.fstat(self._fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _reopen(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(self._fd)
+        self._fd = fd
+        self.locked = False
 
     def unlock(self) -> None:
         if self.locked:
@@ -81,6 +102,31 @@ class LockFile:
             return False
         result = self._fcntl(F_OFD_GETLK, fcntl.F_WRLCK)
         return struct.unpack(_FLOCK, result)[0] != fcntl.F_UNLCK
+
+    def still_locked(self) -> bool:
+        """Whether our lock still stands, as another open file description sees it.
+
+        Two ways to lose it without being told: the lockfile was removed or
+        replaced in the backing store (a new daemon would lock the new file),
+        or a network filesystem dropped the lock (lease expiry, server reboot).
+        A second description of the path must see our lock as a conflict.
+        """
+        if not self.locked:
+            return False
+        if not self._names_our_file():
+            return False
+        try:
+            probe = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            answer = fcntl.fcntl(probe, F_OFD_GETLK, request)
+        except OSError:
+            return False
+        finally:
+            os.close(probe)  # closing another description never drops an OFD lock
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
 
     def write_record(self, record: dict[str, object]) -> None:
         """Replace the file's content with ``record`` (only while locked)."""

@@ -201,6 +201,7 @@ def serve(options: MountOptions, report) -> int:
     )
     operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
                             attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE)
+    guard.revoke = operations.revoke_handles
     try:
         pyfuse3.init(operations, options.mountpoint, options.libfuse_options())
     except RuntimeError as exc:

@@ -122,6 +122,22 @@ class Operations(pyfuse3.Operations):
         self.keep_cache = keep_cache
         self.dirs: dict[int, DirHandle] = {}
 
+    def revoke_handles(self, handles: frozenset[int]) -> None:
+        """Make every request on ``handles`` fail from now on (fencing a lost lease).
+
+        Each handle is its backing descriptor; pointing that descriptor number
+        at an O_PATH descriptor makes read, write and fsync fail with EBADF,
+        at no cost to the I/O path. release() still closes it normally.
+        """
+        if not handles:
+            return
+        revoked = os.open("/", os.O_PATH | os.O_CLOEXEC)
+        try:
+            for handle in handles:
+                os.dup2(revoked, handle, inheritable=False)
+        finally:
+            os.close(revoked)
+
     # ----------------------------------------------------------- helpers
 
     def _attributes(self, entry: Inode, st: os.stat_result) -> EntryAttributes:
@@ -317,7 +333,8 @@ class Operations(pyfuse3.Operations):
         self._refuse_hidden(new, name_new)
         if flags == 0:
             os.rename(name_old, name_new, src_dir_fd=old.fd, dst_dir_fd=new.fd)
-        elif flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+        elif flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
+                       | syscalls.RENAME_WHITEOUT):
             raise FUSEError(errno.EINVAL)
         else:
             syscalls.rename2(old.fd, name_old, new.fd, name_new, flags)

@@ -17,6 +17,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 UTIME_OMIT = (1 << 30) - 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -66,5 +67,5 @@ def link_fd(fd: int, new_dir_fd: int, new_name: bytes) -> None:
 
 def rename2(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes,
             flags: int) -> None:
-    """renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE."""
+    """renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
     _check(_libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags))
