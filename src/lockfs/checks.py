@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 
 from lockfs.errors import AlreadyMountedError, BadPathError, FuseUnavailableError
+
+FUSE_MAJOR, FUSE_MINOR = 10, 229  # /dev/fuse (devices.txt: misc 229)
 
 
 def check_source(source: str) -> str:
@@ -36,8 +39,9 @@ def check_mountpoint(mountpoint: str) -> str:
     if not os.path.isdir(mountpoint):
         raise BadPathError(f"DST {mountpoint}: is not a directory")
     real = os.path.realpath(mountpoint)
-    if os.path.ismount(real):
-        kind = mount_type(real)
+    # ismount misses a bind mount from the same filesystem; mountinfo does not.
+    kind = mount_type(real)
+    if kind is not None or os.path.ismount(real):
         raise AlreadyMountedError(f"DST {mountpoint}: is already a mount point ({kind})")
     if os.listdir(real):
         raise BadPathError(f"DST {mountpoint}: is not empty")
@@ -63,7 +67,16 @@ def check_fuse_device() -> None:
     except OSError as exc:
         raise FuseUnavailableError(f"/dev/fuse: {exc.strerror} (is the fuse module loaded, "
                                    "and the device passed to this container?)") from None
-    os.close(fd)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    # Something else at that path (a bind-mounted /dev/null) would only fail
+    # later, in libfuse, after the lockfile was created: refuse it now.
+    if not stat.S_ISCHR(st.st_mode) or os.major(st.st_rdev) != FUSE_MAJOR \
+            or os.minor(st.st_rdev) != FUSE_MINOR:
+        raise FuseUnavailableError("/dev/fuse: is not the FUSE device (character device "
+                                   f"{FUSE_MAJOR}:{FUSE_MINOR})")
 
 
 def clean_stale_mount(mountpoint: str) -> None:
