@@ -66,6 +66,10 @@ class Guard:
         self._suppressed = 0
         # Set by mount.py: makes the given handles fail every further request.
         self.revoke: Callable[[frozenset[int]], None] = lambda handles: None
+        # Set by mount.py: drops the kernel's cached attributes of every inode.
+        self.forget_cached_attributes: Callable[[], None] = lambda: None
+        self._mount_id = os.urandom(8).hex()
+        self._cache_epoch = 0
 
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (process watchers live in ``nursery``)."""
@@ -121,6 +125,10 @@ class Guard:
     def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool:
         return name in self._hidden_names and (parent_key, name) in self._hidden
 
+    @property
+    def cache_epoch(self) -> int:
+        return self._cache_epoch
+
     def status(self) -> bytes:
         return json.dumps(self.status_record(), sort_keys=True).encode()
 
@@ -161,11 +169,17 @@ class Guard:
                      f"{other.get('host', '?')}, mountpoint {other.get('mountpoint', '?')})")
             self._refuse(str(caller), caller, what, f"lockfile {self.info.lockfile} is held by "
                          f"{where}")
+        previous = self.lockfile.read_record() or {}
+        if previous.get("mount_id") != self._mount_id:
+            # Another mount may have written SRC since this one last held it:
+            # nothing this mount's kernel has cached can be trusted any more.
+            self._cache_epoch += 1
+            self.forget_cached_attributes()
         self.lease.grant(caller)
         self.lockfile.write_record({
             "host": socket.gethostname(), "daemon_pid": os.getpid(),
             "mountpoint": self.info.mountpoint, "holder": str(caller.client),
-            "since": time.time(),
+            "since": time.time(), "mount_id": self._mount_id,
         })
         log.info("lease taken by %s for %s", caller, what)
 

@@ -10,7 +10,14 @@ Inode numbers: objects on SRC's own filesystem keep their backing st_ino (so
 ``ls -i``, hard-link detection and tar behave as on the backing store), with
 SRC's root swapped with FUSE's root number 1. Objects on another filesystem
 (a mount point inside SRC, or an overlayfs layer that reports its own st_dev)
-get numbers from a private range above 2**63, so numbers stay unique.
+are served too, with numbers from a private range above 2**63 so that they
+never collide with SRC's: each foreign st_dev gets the next of 2**15 slots of
+2**48 numbers, and an object's number is its slot plus its st_ino. So a
+foreign object keeps its number after the kernel forgot it (``ls -i``, tar
+and du see stable numbers), at the cost of one dict entry per foreign
+filesystem. An object whose st_ino does not fit in 48 bits (or a 32768th
+filesystem) gets a number counted out of the last slot, stable only while
+the kernel knows the object.
 
 Lookup counts follow the kernel's: every reply that hands out an entry adds
 one, ``forget`` subtracts, and the descriptor is closed at zero. A forget for
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 FOREIGN_BASE = 1 << 63
+FOREIGN_SLOT_BITS = 48
+FOREIGN_OVERFLOW_SLOT = (1 << (63 - FOREIGN_SLOT_BITS)) - 1
 
 BackingKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -46,6 +55,7 @@ class Inode:
     fd: int
     nlookup: int = 0
     is_dir: bool = False
+    cache_epoch: int = 0  # the guard's cache epoch at this inode's last open
 
 
 class InodeTable:
@@ -57,8 +67,9 @@ class InodeTable:
         self.root_dev = st.st_dev
         self._by_ino: dict[int, Inode] = {}
         self._by_key: dict[BackingKey, Inode] = {}
-        self._foreign: dict[BackingKey, int] = {}
-        self._next_foreign = FOREIGN_BASE
+        self._foreign_slots: dict[int, int] = {}  # st_dev -> slot, for the mount's life
+        self._foreign: dict[BackingKey, int] = {}  # overflow numbers of known objects
+        self._next_foreign = FOREIGN_BASE | (FOREIGN_OVERFLOW_SLOT << FOREIGN_SLOT_BITS)
         root = Inode(ROOT_INODE, self.root_key, root_fd, nlookup=1, is_dir=True)
         self._by_ino[ROOT_INODE] = root
         self._by_key[self.root_key] = root
@@ -75,6 +86,11 @@ class InodeTable:
             if ino == ROOT_INODE:
                 return self.root_key[1]
             return ino
+        slot = self._foreign_slots.get(dev)
+        if slot is None and len(self._foreign_slots) < FOREIGN_OVERFLOW_SLOT:
+            slot = self._foreign_slots[dev] = len(self._foreign_slots)
+        if slot is not None and ino < 1 << FOREIGN_SLOT_BITS:
+            return FOREIGN_BASE | (slot << FOREIGN_SLOT_BITS) | ino
         number = self._foreign.get(key)
         if number is None:
             number = self._next_foreign
@@ -89,6 +105,9 @@ class InodeTable:
         except KeyError:
             log.error("internal error: request for unknown inode %d", ino)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def inode_numbers(self) -> list[int]:
+        return list(self._by_ino)
 
     def find(self, key: BackingKey) -> Inode | None:
         return self._by_key.get(key)

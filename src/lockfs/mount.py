@@ -58,7 +58,9 @@ READY_TIMEOUT = 60.0
 # happens) or by another mount after a handover is seen within a second.
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
-KEEP_CACHE = False
+KEEP_CACHE = True  # page cache kept across opens; dropped after another mount held SRC
+WRITEBACK_CACHE = True  # the kernel gathers small writes; fsync still reaches SRC
+READ_AHEAD_KB = 1024  # FUSE's default is 128: four times fewer round trips per MiB read
 
 
 def run_mount(options: MountOptions) -> int:
@@ -200,8 +202,10 @@ def serve(options: MountOptions, report) -> int:
         hidden,
     )
     operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
-                            attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE)
+                            attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE,
+                            writeback=WRITEBACK_CACHE)
     guard.revoke = operations.revoke_handles
+    guard.forget_cached_attributes = operations.forget_cached_attributes
     try:
         pyfuse3.init(operations, options.mountpoint, options.libfuse_options())
     except RuntimeError as exc:
@@ -238,10 +242,21 @@ async def _terminate_on_signals() -> None:
 
 
 async def _announce_ready(mountpoint: str, report) -> None:
-    await trio.to_thread.run_sync(os.stat, mountpoint)
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    _tune_bdi(st.st_dev)
     log.info("mount ready at %s", mountpoint)
     _report(report, "ready")
     _notify_systemd(b"READY=1")
+
+
+def _tune_bdi(device: int) -> None:
+    """Set the mount's readahead (the kernel's FUSE default of 128 KiB costs round trips)."""
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as knob:
+            knob.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.warning("could not set %s: %s", path, exc)
 
 
 def _notify_systemd(message: bytes) -> None:

@@ -59,6 +59,10 @@ class Gate(Protocol):
 
     def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool: ...
 
+    @property
+    def cache_epoch(self) -> int:
+        """Grows each time another mount may have written SRC since this one last held it."""
+
     def status(self) -> bytes: ...
 
 
@@ -109,17 +113,21 @@ class Operations(pyfuse3.Operations):
     """A faithful passthrough of one backing directory, descriptor-based throughout."""
 
     supports_dot_lookup = True
-    enable_writeback_cache = False
     enable_acl = False
 
     def __init__(self, table: InodeTable, gate: Gate, *, entry_timeout: float,
-                 attr_timeout: float, keep_cache: bool) -> None:
+                 attr_timeout: float, keep_cache: bool, writeback: bool) -> None:
         super().__init__()
         self.table = table
         self.gate = gate
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.keep_cache = keep_cache
+        # Read by pyfuse3 at FUSE init. With it the kernel gathers small writes in
+        # its page cache and computes O_APPEND offsets itself, so the backing
+        # descriptor must be readable (partial pages are read first) and must
+        # not append on its own.
+        self.enable_writeback_cache = writeback
         self.dirs: dict[int, DirHandle] = {}
 
     def revoke_handles(self, handles: frozenset[int]) -> None:
@@ -137,6 +145,18 @@ class Operations(pyfuse3.Operations):
                 os.dup2(revoked, handle, inheritable=False)
         finally:
             os.close(revoked)
+
+    def forget_cached_attributes(self) -> None:
+        """Make the kernel ask again for the attributes of every inode it knows.
+
+        attr_only invalidation takes no page or inode lock in the kernel, so it
+        is safe from inside a request handler.
+        """
+        for ino in self.table.inode_numbers():
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                continue  # forgotten by the kernel meanwhile
 
     # ----------------------------------------------------------- helpers
 
@@ -238,6 +258,12 @@ class Operations(pyfuse3.Operations):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
+        if fields.update_ctime and not (
+                fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_size or fields.update_atime or fields.update_mtime):
+            # chown(f, -1, -1) asks for nothing but a new ctime: a no-change chown of
+            # the backing object sets it there, as the same call does natively.
+            syscalls.chown_fd(entry.fd, -1, -1)
         return self._attributes(entry, os.fstat(entry.fd))
 
     @fuse_errors
@@ -341,16 +367,33 @@ class Operations(pyfuse3.Operations):
 
     # ----------------------------------------------------------- files
 
-    def _file_info(self, fd: int) -> FileInfo:
-        return FileInfo(fh=fd, keep_cache=self.keep_cache)
+    def _file_info(self, fd: int, entry: Inode) -> FileInfo:
+        """Keep the kernel's page cache of ``entry`` unless another mount may have written it.
+
+        Only the holder writes, and only through this mount, so cached pages
+        stay right across opens; after another mount held the lockfile the
+        epoch moves on and the first open of each inode drops its pages.
+        """
+        epoch = self.gate.cache_epoch
+        keep = self.keep_cache and entry.cache_epoch == epoch
+        entry.cache_epoch = epoch
+        return FileInfo(fh=fd, keep_cache=keep)
+
+    def _backing_flags(self, flags: int) -> int:
+        flags &= ~OPEN_FLAGS_DROPPED
+        if self.enable_writeback_cache:
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_CLOEXEC
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         token = self.gate.admit(ctx, "open")
         entry = self.table.get(inode)
-        fd = os.open(proc_path(entry.fd), (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC)
+        fd = os.open(proc_path(entry.fd), self._backing_flags(flags))
         self.gate.handle_opened(token, fd)
-        return self._file_info(fd)
+        return self._file_info(fd, entry)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -358,7 +401,7 @@ class Operations(pyfuse3.Operations):
         token = self.gate.admit(ctx, "create")
         parent = self.table.get(parent_inode)
         self._refuse_hidden(parent, name)
-        base = (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC | os.O_NOFOLLOW
+        base = self._backing_flags(flags) | os.O_NOFOLLOW
         try:
             fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
         except FileExistsError:
@@ -374,12 +417,12 @@ class Operations(pyfuse3.Operations):
                 os.close(fd)
                 raise
         try:
-            entry_attrs = self._entry(parent, name)
+            entry, st = self._child(parent, name)
         except (OSError, FUSEError):
             os.close(fd)
             raise
         self.gate.handle_opened(token, fd)
-        return self._file_info(fd), entry_attrs
+        return self._file_info(fd, entry), self._attributes(entry, st)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
@@ -393,10 +436,15 @@ class Operations(pyfuse3.Operations):
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
 
-    @fuse_errors
     async def flush(self, fh: int) -> None:
-        # close() of a duplicate reports write-back errors (NFS) like close() would.
-        os.close(os.dup(fh))
+        """Not implemented on purpose: ENOSYS tells the kernel never to send FLUSH again.
+
+        Writes reach the backing file synchronously in write(), so a flush has
+        nothing to report; the kernel still writes back its dirty pages on
+        close, and fsync still reaches the backing store. This saves one round
+        trip per close().
+        """
+        raise FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
