@@ -1,0 +1,356 @@
+"""The passthrough's promises beyond single operations, on real mounts.
+
+No request reaches outside SRC; the lockfile stays invisible; caches never hide
+a change made through the mount; forgotten inodes give their descriptors back;
+failing requests, a mount point inside SRC and a removed SRC leave the daemon
+serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+from conftest import Mount, wait_for
+from nsclient import client, daemon_fds, wait_free
+
+from lockfs.inodes import FOREIGN_BASE, InodeTable
+from lockfs.ops import Operations
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A scratch directory outside pytest's root-only tmp_path."""
+    path = Path(tempfile.mkdtemp(prefix="lockfs-safe-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ escape attempt
+
+SWAPPER = r"""
+import ctypes, os, sys
+src, outside, stop = sys.argv[1:4]
+libc = ctypes.CDLL(None, use_errno=True)
+d, real, link = (os.path.join(src, name).encode() for name in ("d", "d.real", "d.link"))
+rounds = 0
+while not os.path.exists(stop):
+    target = outside if rounds % 2 else os.path.relpath(outside, src)
+    # 1: move the directory away and put a symlink to OUTSIDE under its name.
+    os.rename(d, real)
+    os.symlink(target, d)
+    os.unlink(d)
+    os.rename(real, d)
+    # 2: atomic swaps, so that the name always exists, once as each kind.
+    os.symlink(target, link)
+    libc.renameat2(-100, d, -100, link, 2)
+    libc.renameat2(-100, d, -100, link, 2)
+    os.unlink(link)
+    rounds += 1
+print(rounds)
+"""
+
+ATTACKER = """
+import subprocess
+# Hide the real OUTSIDE from this client: a symlink the *kernel* follows on the
+# client's side lands on this empty tmpfs; only a daemon that resolved a path
+# itself could reach the real directory.
+subprocess.run(["mount", "-t", "tmpfs", "none", sys.argv[3]], check=True)
+created = 0
+for i in range(1500):
+    for action in (lambda: write(f"d/new-{i}", "x"),
+                   lambda: write("d/victim", "pwned", os.O_WRONLY | os.O_TRUNC),
+                   lambda: os.mkdir(f"d/dir-{i}"),
+                   lambda: os.chmod("d/victim", 0o777),
+                   lambda: os.truncate("d/victim", 0),
+                   lambda: os.setxattr("d/victim", "user.pwned", b"1"),
+                   lambda: os.rename("d/victim", f"d/moved-{i}"),
+                   lambda: os.unlink("d/victim"),
+                   lambda: os.symlink("x", f"d/sym-{i}")):
+        created += err(action) == "ok"
+result = created
+"""
+
+
+def test_concurrent_symlink_swaps_never_lead_outside_src(public_dir: Path,
+                                                          mount_factory: Callable[..., Mount]
+                                                          ) -> None:
+    """A name swapped between a directory and a symlink to OUTSIDE in the backing
+    store, while a client creates and changes files through that name, never
+    makes the daemon touch OUTSIDE."""
+    src, dst, outside = public_dir / "src", public_dir / "dst", public_dir / "outside"
+    for path in (src, dst, outside, src / "d"):
+        path.mkdir()
+    (outside / "victim").write_text("untouched")
+    (outside / "victim").chmod(0o644)
+    before = sorted(os.listdir(outside))
+    mount = mount_factory(src, dst=dst)
+    stop = public_dir / "stop"
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(src), str(outside),
+                                str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        code = ATTACKER.replace("sys.argv[3]", repr(str(outside)))
+        created = client(mount, code)
+    finally:
+        stop.touch()
+        rounds = int(swapper.communicate(timeout=30)[0])
+    assert swapper.returncode == 0
+    assert rounds > 0 and created > 0
+    assert sorted(os.listdir(outside)) == before
+    assert (outside / "victim").read_text() == "untouched"
+    assert oct((outside / "victim").stat().st_mode & 0o7777) == oct(0o644)
+    assert os.listxattr(outside / "victim") == []
+    assert any(name.startswith("new-") for name in os.listdir(src / "d"))
+
+
+# ------------------------------------------------------------------ the lockfile
+
+
+def test_lockfile_is_invisible_and_untouchable(mounted: Mount) -> None:
+    """The lease's lockfile cannot be seen, opened, made, replaced or linked through DST."""
+    lockfile = mounted.src / ".lockfs-lease"
+    assert lockfile.is_file()
+    inode = lockfile.stat().st_ino
+    listing = subprocess.run(["ls", "-a", str(mounted.dst)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert listing == [".", ".."]
+    with pytest.raises(FileNotFoundError):
+        os.stat(mounted.dst / ".lockfs-lease")
+    result = client(mounted, """
+write("other", "x")
+os.mkdir("sub")
+result = {
+    "open": err(os.open, ".lockfs-lease", os.O_RDONLY),
+    "create": err(write, ".lockfs-lease", "x"),
+    "create excl": err(os.open, ".lockfs-lease", os.O_CREAT | os.O_EXCL | os.O_WRONLY),
+    "mkdir": err(os.mkdir, ".lockfs-lease"),
+    "symlink": err(os.symlink, "other", ".lockfs-lease"),
+    "mkfifo": err(os.mkfifo, ".lockfs-lease"),
+    "rename onto": err(os.rename, "other", ".lockfs-lease"),
+    "exchange onto": err(renameat2, "other", ".lockfs-lease", RENAME_EXCHANGE),
+    "rename away": err(os.rename, ".lockfs-lease", "stolen"),
+    "link onto": err(os.link, "other", ".lockfs-lease"),
+    "unlink": err(os.unlink, ".lockfs-lease"),
+    "xattr": err(os.setxattr, ".lockfs-lease", "user.x", b"1"),
+    "same name deeper": err(write, "sub/.lockfs-lease", "allowed"),
+}
+""")
+    refused = {key: value for key, value in result.items() if key != "same name deeper"}
+    assert all(value != "ok" for value in refused.values()), refused
+    assert result["open"] == result["unlink"] == result["rename away"] == "ENOENT"
+    assert result["create"] == result["rename onto"] == result["link onto"] == "EPERM"
+    assert result["same name deeper"] == "ok"
+    assert lockfile.is_file() and lockfile.stat().st_ino == inode
+    assert sorted(os.listdir(mounted.dst)) == ["other", "sub"]
+
+
+# ------------------------------------------------------------------ caching
+
+
+def test_change_through_the_mount_is_seen_at_once(mounted: Mount) -> None:
+    """Within the attribute/entry timeouts, changes made through DST show immediately."""
+    result = client(mounted, """
+seen = []
+write("f", "one")
+seen.append([read("f"), os.stat("f").st_size])
+write("f", "three", os.O_WRONLY)
+seen.append([read("f"), os.stat("f").st_size])
+fd = os.open("f", os.O_WRONLY | os.O_APPEND)
+os.write(fd, b"+more")
+os.close(fd)
+seen.append([read("f"), os.stat("f").st_size])
+os.truncate("f", 2)
+seen.append([read("f"), os.stat("f").st_size])
+os.chmod("f", 0o600)
+seen.append(oct(os.stat("f").st_mode & 0o777))
+os.rename("f", "g")
+seen.append([err(os.stat, "f"), sorted(os.listdir("."))])
+os.link("g", "h")
+seen.append(os.stat("g").st_nlink)
+os.unlink("g")
+seen.append([os.stat("h").st_nlink, err(os.stat, "g")])
+write("g", "new file under an old name")
+seen.append(read("g"))
+result = seen
+""")
+    assert result == [["one", 3], ["three", 5], ["three+more", 10], ["th", 2], "0o600",
+                      ["ENOENT", ["g"]], 2, [1, "ENOENT"], "new file under an old name"]
+    # Another process (this one) sees the same at once, through the shared kernel cache.
+    assert os.stat(mounted.dst / "h").st_size == 2
+    assert os.stat(mounted.dst / "g").st_size == len("new file under an old name")
+
+
+def test_change_made_in_src_shows_within_the_timeout(mounted: Mount) -> None:
+    """Changes behind the mount's back are not supported, but new names and modes
+    show within the one-second entry/attribute timeouts."""
+    (mounted.src / "f").write_text("old")
+    assert os.stat(mounted.dst / "f").st_mode & 0o777 == 0o644
+    (mounted.src / "f").chmod(0o600)
+    (mounted.src / "new").touch()
+    wait_for(lambda: os.stat(mounted.dst / "f").st_mode & 0o777 == 0o600, timeout=10,
+             what="the new mode through DST")
+    wait_for(lambda: "new" in os.listdir(mounted.dst), timeout=10, what="the new name")
+    assert client(mounted, 'result = read("new")') == ""
+
+
+# ------------------------------------------------------------------ forget
+
+
+def test_forgotten_inodes_give_their_descriptors_back(mounted: Mount) -> None:
+    """After drop_caches the kernel forgets inodes and the daemon closes their descriptors."""
+    many = mounted.src / "many"
+    many.mkdir()
+    for index in range(3000):
+        (many / f"f{index}").touch()
+    baseline = daemon_fds(mounted)
+    for name in os.listdir(mounted.dst / "many"):
+        os.stat(mounted.dst / "many" / name)
+    assert daemon_fds(mounted) >= baseline + 3000
+
+    def dropped() -> bool:
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        return daemon_fds(mounted) < baseline + 50
+
+    wait_for(dropped, timeout=30, what="the daemon to close forgotten descriptors")
+    assert len(os.listdir(mounted.dst / "many")) == 3000
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_failing_requests_leave_the_mount_serving(mounted: Mount) -> None:
+    """Refused and impossible requests answer an errno; the daemon keeps serving."""
+    result = client(mounted, """
+os.mkdir("d"); write("d/f", "x"); write("f", "x")
+result = [err(os.rmdir, "d"), err(os.mkdir, "d"), err(os.open, "nope", os.O_RDONLY),
+          err(os.link, "d", "d2"), err(renameat2, "f", "d", RENAME_WHITEOUT | 64),
+          err(os.setxattr, "f", "nonsense.x", b"1"), err(os.truncate, "f", 1 << 62),
+          err(os.open, "d", os.O_WRONLY), err(os.mkdir, "x" * 300),
+          err(os.readlink, "f"), err(os.getxattr, "f", "user.none"),
+          err(os.rename, "d", "d/d")]
+write("after", "still serving")
+result.append(read("after"))
+""")
+    assert result == ["ENOTEMPTY", "EEXIST", "ENOENT", "EPERM", "EINVAL", "ENOTSUP",
+                      result[6], "EISDIR", "ENAMETOOLONG", "EINVAL", "ENODATA", "EINVAL",
+                      "still serving"]
+    assert result[6] in ("EFBIG", "EINVAL")
+    assert mounted.status()["daemon_pid"] == mounted.daemon_pid
+    assert "Traceback" not in mounted.log_text()
+
+
+class _OpenGate:
+    """The smallest gate: admits everyone, hides nothing (the lease is not under test)."""
+
+    cache_epoch = 0
+
+    def admit(self, ctx: object, what: str) -> object:
+        return None
+
+    def handle_opened(self, token: object, handle: int) -> None: ...
+
+    def dir_handle_opened(self, ctx: object, handle: int) -> None: ...
+
+    def handle_closed(self, handle: int) -> None: ...
+
+    def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool:
+        return False
+
+    def status(self) -> bytes:
+        return b"{}"
+
+
+async def test_an_internal_error_becomes_eio_with_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug inside a handler must answer EIO, never end the daemon (NOTES.md).
+
+    No request the kernel sends reaches such a bug on purpose, so the handler is
+    called directly: readdir of a handle that was never opened.
+    """
+    root_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    operations = Operations(InodeTable(root_fd), _OpenGate(), entry_timeout=1,
+                            attr_timeout=1, keep_cache=False, writeback=False)
+    with caplog.at_level(logging.ERROR, logger="lockfs.ops"), \
+            pytest.raises(pyfuse3.FUSEError) as raised:
+        await operations.readdir(12345, 0, None)  # type: ignore[arg-type]
+    assert raised.value.errno == errno.EIO
+    assert "internal error in readdir" in caplog.text
+    assert "Traceback" in caplog.text
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await operations.fsync(987654, False)
+    assert raised.value.errno == errno.EBADF
+    operations.table.close_all()
+    await trio.lowlevel.checkpoint()
+
+
+def test_removed_src_fails_requests_and_keeps_the_daemon(mounted: Mount) -> None:
+    """rm -rf SRC under a live mount: requests fail cleanly, status and unmount work."""
+    (mounted.src / "d").mkdir()
+    (mounted.src / "f").write_text("x")
+    os.stat(mounted.dst / "d")
+    shutil.rmtree(mounted.src)
+    result = client(mounted, """
+result = [err(write, "new", "x"), err(os.mkdir, "newdir"), err(os.stat, "f"),
+          err(os.open, "d/x", os.O_CREAT | os.O_WRONLY), err(os.statvfs, ".")]
+""")
+    assert result[:3] == ["ENOENT", "ENOENT", "ENOENT"]
+    assert result[3] in ("ENOENT", "ESTALE")
+    assert result[4] == "ok"
+    assert mounted.status()["daemon_pid"] == mounted.daemon_pid
+    assert os.listdir(mounted.dst) == []
+    assert not mounted.src.exists()
+
+
+# ------------------------------------------------------------------ a mount point inside SRC
+
+
+def test_mount_point_inside_src_is_served_with_unique_inode_numbers(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """A tmpfs mounted inside SRC is served; its inode numbers come from a private range."""
+    src = tmp_path / "src"
+    inner = src / "inner"
+    inner.mkdir(parents=True)
+    (src / "plain").write_text("on SRC's filesystem")
+    subprocess.run(["mount", "-t", "tmpfs", "lockfs-test", str(inner)], check=True)
+    try:
+        (inner / "a").write_text("on tmpfs")
+        (inner / "sub").mkdir()
+        os.link(inner / "a", inner / "a-link")
+        mount = mount_factory(src)
+        numbers = {name: os.lstat(mount.dst / "inner" / name).st_ino
+                   for name in ("a", "sub", "a-link")}
+        inner_ino = os.stat(mount.dst / "inner").st_ino
+        assert all(number >= FOREIGN_BASE for number in [*numbers.values(), inner_ino])
+        assert numbers["a"] == numbers["a-link"]
+        assert len({numbers["a"], numbers["sub"], inner_ino}) == 3
+        assert os.stat(mount.dst / "plain").st_ino == os.stat(src / "plain").st_ino
+        assert os.stat(mount.dst / "inner" / "..").st_ino == os.stat(mount.dst).st_ino
+        result = client(mount, """
+write("inner/sub/new", "written through DST")
+os.rename("inner/a", "inner/sub/a")
+result = [read("inner/sub/new"), read("inner/sub/a"), err(os.rename, "plain", "inner/plain"),
+          err(os.link, "plain", "inner/hard")]
+""")
+        assert result == ["written through DST", "on tmpfs", "EXDEV", "EXDEV"]
+        assert (inner / "sub" / "new").read_text() == "written through DST"
+        assert os.lstat(mount.dst / "inner" / "sub" / "a").st_ino == numbers["a"]
+    finally:
+        subprocess.run(["umount", "-l", str(inner)], check=False)
+
+
+def test_client_helper_leaves_the_lease_free(mounted: Mount) -> None:
+    """The helper every test here relies on really hands the lease back."""
+    client(mounted, 'write("f", "x")')
+    wait_free(mounted)
+    assert mounted.status()["holder"] is None
