@@ -101,7 +101,9 @@ class Identities:
         try:
             ns = os.stat(f"{base}/ns/mnt")
             with open(f"{base}/status", "rb") as status:
-                tgid = _field(status.read(), b"Tgid:")
+                lines = status.read()
+            tgid = _field(lines, b"Tgid:")
+            kernel = _field(lines, b"Kthread:") == 1
             with open(f"{base}/comm", "rb") as comm:
                 command = comm.read().rstrip(b"\n").decode(errors="replace")
         except FileNotFoundError:
@@ -110,7 +112,7 @@ class Identities:
             raise UnknownCaller(f"pid {pid}: cannot read {base}: {exc.strerror}") from None
         if tgid is None:
             raise UnknownCaller(f"pid {pid}: no Tgid in {base}/status")
-        return Caller(pid, tgid, command, Client(ns.st_dev, ns.st_ino))
+        return Caller(pid, tgid, command, Client(ns.st_dev, ns.st_ino), kernel)
 
     def _evict(self, pid: int) -> None:
         entry = self._cache.pop(pid, None)

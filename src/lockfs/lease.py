@@ -47,6 +47,7 @@ class Caller:
     tgid: int
     command: str
     client: Client
+    kernel: bool = False  # a kernel thread (writeback flusher), not an application
 
     def __str__(self) -> str:
         return f"pid {self.tid} ({self.command}) in {self.client}"
