@@ -259,11 +259,11 @@ class Operations(pyfuse3.Operations):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        if fields.update_ctime and not (
-                fields.update_mode or fields.update_uid or fields.update_gid
+        if not (fields.update_mode or fields.update_uid or fields.update_gid
                 or fields.update_size or fields.update_atime or fields.update_mtime):
-            # chown(f, -1, -1) asks for nothing but a new ctime: a no-change chown of
-            # the backing object sets it there, as the same call does natively.
+            # chown(f, -1, -1) arrives as a SETATTR with nothing (or only ctime, with
+            # the writeback cache) to set: a no-change chown of the backing object
+            # gives it the new ctime that the same call gives natively.
             syscalls.chown_fd(entry.fd, -1, -1)
         return self._attributes(entry, os.fstat(entry.fd))
 

@@ -1,0 +1,83 @@
+"""Regression tests for conformance failures found with pjdfstest and stress tools.
+
+Each test runs the same small program in a child process on a plain directory
+and on a lockfs mount of another plain directory, and checks that both give
+the same result (the backing filesystem's own behaviour). The pytest process
+itself never opens anything through the mount.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Mount
+
+
+def run_child(script: str, directory: Path, timeout: float = 120) -> object:
+    """Run ``script`` with ``directory`` as argv[1]; return the JSON it prints."""
+    result = subprocess.run([sys.executable, "-c", script, str(directory)],
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, f"child failed: {result.stderr.strip()}"
+    return json.loads(result.stdout)
+
+
+def native_and_mounted(script: str, tmp_path: Path, mount: Mount) -> tuple[object, object]:
+    """The result of ``script`` on a plain directory and through ``mount``."""
+    native = tmp_path / "native"
+    native.mkdir()
+    return run_child(script, native), run_child(script, mount.dst)
+
+
+CHOWN_KEEPS_IDS_BUT_SETS_CTIME = r"""
+import json, os, sys, time
+d = sys.argv[1]
+os.mkdir(f"{d}/dir")
+os.mkfifo(f"{d}/fifo")
+with open(f"{d}/file", "w") as f:
+    f.write("x")
+os.symlink("file", f"{d}/link")
+result = {}
+for name in ("dir", "fifo", "file", "link"):
+    path = f"{d}/{name}"
+    before = os.lstat(path)
+    time.sleep(0.05)  # past the coarse clock tick that stamps ctime
+    os.chown(path, -1, -1, follow_symlinks=False)
+    after = os.lstat(path)
+    result[name] = [after.st_ctime_ns > before.st_ctime_ns,
+                    (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)]
+print(json.dumps(result))
+"""
+
+
+def test_chown_minus_one_sets_ctime_like_backing_store(
+        mounted: Mount, tmp_path: Path) -> None:
+    """pjdfstest chown/00.t: chown(f, -1, -1) changes ctime on ext4 for every type."""
+    native, through = native_and_mounted(CHOWN_KEEPS_IDS_BUT_SETS_CTIME, tmp_path, mounted)
+    assert native == {name: [True, True] for name in ("dir", "fifo", "file", "link")}
+    assert through == native
+
+
+RENAME_WHITEOUT = r"""
+import ctypes, json, os, stat, sys
+d = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+with open(f"{d}/a", "w") as f:
+    f.write("payload")
+rc = libc.renameat2(-100, f"{d}/a".encode(), -100, f"{d}/b".encode(), 4)
+err = ctypes.get_errno() if rc else 0
+st = os.lstat(f"{d}/a")
+with open(f"{d}/b") as f:
+    moved = f.read()
+print(json.dumps([rc, err, stat.S_ISCHR(st.st_mode), st.st_rdev, moved]))
+"""
+
+
+def test_rename_whiteout_passes_through(mounted: Mount, tmp_path: Path) -> None:
+    """fsstress rwhiteout: RENAME_WHITEOUT moves the file and leaves a 0:0 char device."""
+    native, through = native_and_mounted(RENAME_WHITEOUT, tmp_path, mounted)
+    assert native == [0, 0, True, 0, "payload"]
+    assert through == native
+    assert (mounted.src / "b").read_text() == "payload"
