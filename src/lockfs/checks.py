@@ -29,6 +29,9 @@ def check_mountpoint(mountpoint: str) -> str:
     """DST must be an empty directory that is not mounted; a dead lockfs mount is cleaned."""
     try:
         os.stat(mountpoint)
+        # A dead FUSE mount may still answer stat from cached attributes;
+        # statfs always asks the daemon, so it tells a stale mount at once.
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             clean_stale_mount(mountpoint)

@@ -15,14 +15,19 @@ SIGTERM, SIGINT and SIGHUP end the FUSE loop; the mount is then unmounted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import logging
 import os
 import resource
 import select
 import signal
 import socket
+import struct
 import sys
+from collections.abc import Iterator
 
 import pyfuse3
 import trio
@@ -43,7 +48,7 @@ from lockfs.guard import Guard, MountInfo
 from lockfs.identity import Identities
 from lockfs.inodes import InodeTable
 from lockfs.lease import Lease
-from lockfs.lockfile import LockFile, LockfileError
+from lockfs.lockfile import F_OFD_SETLK, LockFile, LockfileError
 from lockfs.logsetup import setup_logging
 from lockfs.ops import Operations
 from lockfs.options import DEFAULT_LOCKFILE_NAME, MountOptions
@@ -67,15 +72,62 @@ def run_mount(options: MountOptions) -> int:
     """Mount as asked; returns the exit status for the command line."""
     source = check_source(options.source)
     check_fuse_device()
+    # Before the emptiness check: SRC inside DST would otherwise only be "not empty".
+    check_not_nested(source, os.path.realpath(options.mountpoint))
     mountpoint = check_mountpoint(options.mountpoint)
     check_not_nested(source, mountpoint)
     lockfile_path = resolve_lockfile(options.lockfile, source, mountpoint)
+    fresh_lockfile = not os.path.lexists(lockfile_path)
     probe_lockfile(lockfile_path)
     options = _with_paths(options, source, mountpoint, lockfile_path)
 
-    if options.foreground:
-        return serve(options, report=None)
-    return _detach_and_wait(options)
+    try:
+        if options.foreground:
+            return serve(options, report=None)
+        return _detach_and_wait(options)
+    except (FuseUnavailableError, _ReportedError) as exc:
+        # The kernel refused the mount (no privilege, no FUSE): a failed mount
+        # leaves the disk as it was, so the lockfile the probe created goes.
+        if fresh_lockfile and exc.code == FuseUnavailableError.code \
+                and not isinstance(exc, _NoReport):
+            _remove_unused_lockfile(lockfile_path)
+        raise
+
+
+def _probe_unnamed(directory: str) -> bool:
+    """Take and drop an OFD lock on an O_TMPFILE in ``directory``; False if unsupported."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return False
+        raise LockfileUnusableError(f"lockfile directory {directory}: cannot create a file "
+                                    f"there: {exc.strerror}") from None
+    try:
+        whole_file = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        fcntl.fcntl(fd, F_OFD_SETLK, whole_file)
+    except OSError as exc:
+        raise LockfileUnusableError(
+            f"lockfile directory {directory}: the filesystem cannot take OFD locks "
+            f"({exc.strerror}); lockfs refuses to run without them") from None
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove_unused_lockfile(path: str) -> None:
+    """Unlink a lockfile nobody locks and nobody wrote (best effort, never raises)."""
+    if not os.path.lexists(path):
+        return  # the O_TMPFILE probe created nothing
+    lockfile = LockFile(path)
+    try:
+        lockfile.open()
+        if lockfile.try_lock() and os.stat(path).st_size == 0:
+            os.unlink(path)
+    except (LockfileError, OSError):
+        pass
+    finally:
+        lockfile.close()
 
 
 def resolve_lockfile(requested: str | None, source: str, mountpoint: str) -> str:
@@ -91,7 +143,15 @@ def resolve_lockfile(requested: str | None, source: str, mountpoint: str) -> str
 
 
 def probe_lockfile(path: str) -> None:
-    """Fail now, with a clear line, when the lockfile cannot take OFD locks."""
+    """Fail now, with a clear line, when the lockfile cannot take OFD locks.
+
+    A lockfile that does not exist yet is not created here: an unnamed
+    O_TMPFILE in its directory is locked instead, so that a mount refused
+    later leaves the directory exactly as it was (the daemon creates the
+    lockfile once mounted). Filesystems without O_TMPFILE get the real file.
+    """
+    if not os.path.lexists(path) and _probe_unnamed(os.path.dirname(path) or "."):
+        return
     lockfile = LockFile(path)
     try:
         lockfile.open()
@@ -138,14 +198,18 @@ def _detach_and_wait(options: MountOptions) -> int:
     if message.startswith("error "):
         _, code, text = message.split(" ", 2)
         raise _ReportedError(int(code), text)
-    raise FuseUnavailableError(f"lockfs daemon (pid {pid}) did not report readiness: "
-                               f"{message or 'it exited'}")
+    raise _NoReport(f"lockfs daemon (pid {pid}) did not report readiness: "
+                    f"{message or 'it exited'}")
 
 
 class _ReportedError(LockfsError):
     def __init__(self, code: int, text: str) -> None:
         super().__init__(text)
         self.code = code
+
+
+class _NoReport(FuseUnavailableError):
+    """The daemon neither reported ready nor failed: it may still mount, so touch nothing."""
 
 
 def _read_with_timeout(pipe, timeout: float) -> str:
@@ -189,11 +253,6 @@ def serve(options: MountOptions, report) -> int:
     root_fd = os.open(options.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     table = InodeTable(root_fd)
     lockfile = LockFile(options.lockfile)
-    try:
-        lockfile.open()
-    except LockfileError as exc:
-        table.close_all()
-        raise LockfileUnusableError(str(exc)) from None
     hidden = _hidden_entries(options.lockfile, options.source)
     guard = Guard(
         Lease(options.hold), Identities(), lockfile,
@@ -207,11 +266,23 @@ def serve(options: MountOptions, report) -> int:
     guard.revoke = operations.revoke_handles
     guard.forget_cached_attributes = operations.forget_cached_attributes
     try:
-        pyfuse3.init(operations, options.mountpoint, options.libfuse_options())
+        with _libfuse_messages() as messages:
+            pyfuse3.init(operations, options.mountpoint, options.libfuse_options())
     except RuntimeError as exc:
         guard.close()
         table.close_all()
-        raise FuseUnavailableError(f"DST {options.mountpoint}: mounting failed ({exc})") from None
+        why = messages[-1] if messages else str(exc)
+        raise FuseUnavailableError(f"DST {options.mountpoint}: mounting failed ({why})") from None
+    for line in messages:
+        log.warning("libfuse: %s", line)
+    # Created only now, so that a mount the kernel refused leaves SRC untouched.
+    try:
+        lockfile.open()
+    except LockfileError as exc:
+        pyfuse3.close(unmount=True)
+        guard.close()
+        table.close_all()
+        raise LockfileUnusableError(str(exc)) from None
     log.info("mounted %s at %s (hold=%s, lockfile %s, logs to %s)", options.source,
              options.mountpoint, options.hold.value, options.lockfile, where)
     try:
@@ -222,6 +293,29 @@ def serve(options: MountOptions, report) -> int:
         table.close_all()
         log.info("unmounted %s", options.mountpoint)
     return 0
+
+
+@contextlib.contextmanager
+def _libfuse_messages() -> Iterator[list[str]]:
+    """Collect what libfuse and fusermount3 print on fd 2 while mounting.
+
+    Why: their lines ("fusermount3: mount failed: Operation not permitted")
+    explain a failure best, but would be a second line on the user's terminal
+    (and lost on /dev/null in a detached daemon); they go into our one line.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    capture = os.memfd_create("lockfs-libfuse", os.MFD_CLOEXEC)
+    os.dup2(capture, 2)
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        text = os.pread(capture, 65536, 0).decode(errors="replace")
+        os.close(capture)
+        lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 async def _serve_async(options: MountOptions, guard: Guard, report) -> None:

@@ -56,7 +56,8 @@ class MountOptions:
                 options.discard(OPPOSITES[option])
             elif option.startswith(("fsname=", "subtype=")):
                 options = {o for o in options if not o.startswith(option.split("=")[0] + "=")}
-            if option not in OPPOSITES and option != "rw":
+            if option != "rw":
+                # suid/dev are passed on: libfuse mounts nosuid,nodev unless told.
                 options.add(option)
         return options
 
