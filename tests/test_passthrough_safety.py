@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import Mount, wait_for
+from conftest import Mount, require, wait_for
 from nsclient import client, daemon_fds, wait_free
 
 from lockfs.inodes import FOREIGN_BASE, InodeTable
@@ -354,3 +354,31 @@ def test_client_helper_leaves_the_lease_free(mounted: Mount) -> None:
     client(mounted, 'write("f", "x")')
     wait_free(mounted)
     assert mounted.status()["holder"] is None
+
+
+def test_descriptor_exhaustion_fails_loudly_and_passes(mounted: Mount) -> None:
+    """With the daemon out of descriptors, `ls` gets EMFILE, never a silently short list;
+    once descriptors are free again everything works."""
+    prlimit = require("prlimit")
+    many = mounted.src / "many"
+    many.mkdir()
+    for index in range(300):
+        (many / f"f{index:03d}").touch()
+    pid = str(mounted.daemon_pid)
+    soft, hard = (int(value) for value in subprocess.run(
+        [prlimit, "--pid", pid, "--nofile", "--raw", "--noheadings", "--output=SOFT,HARD"],
+        capture_output=True, text=True, check=True).stdout.split())
+    subprocess.run([prlimit, "--pid", pid, f"--nofile={daemon_fds(mounted) + 60}:{hard}"],
+                   check=True)
+    try:
+        try:
+            listed = os.listdir(mounted.dst / "many")
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+        else:
+            assert len(listed) == 300
+    finally:
+        subprocess.run([prlimit, "--pid", pid, f"--nofile={soft}:{hard}"], check=True)
+    assert sorted(os.listdir(mounted.dst / "many")) == sorted(os.listdir(many))
+    assert client(mounted, 'write("after", "fine"); result = read("after")') == "fine"
+    assert "out of file descriptors" in mounted.log_text()

@@ -21,6 +21,7 @@ Caching: see ``CachePolicy`` in options.py; the values are chosen there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -212,7 +213,17 @@ class Operations(pyfuse3.Operations):
         """
         parent_mode = os.fstat(parent.fd).st_mode
         gid = -1 if parent_mode & stat.S_ISGID else ctx.gid
-        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        if ctx.uid == os.geteuid() and gid in (-1, os.getegid()):
+            return  # already the caller's (root creating as root)
+        try:
+            os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            # A backing store that refuses chown (root squash) must not keep a
+            # root-owned object for a request that failed.
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                (os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink)(name, dir_fd=parent.fd)
+            raise
 
     # ----------------------------------------------------------- lookups
 
@@ -225,7 +236,7 @@ class Operations(pyfuse3.Operations):
         for ino, count in inode_list:
             try:
                 self.table.forget(ino, count)
-            except OSError:
+            except Exception:  # forget has no reply: log, never end the daemon
                 log.exception("forget of inode %d failed", ino)
 
     @fuse_errors
@@ -418,24 +429,40 @@ class Operations(pyfuse3.Operations):
                 os.close(fd)
                 raise
         try:
-            entry, st = self._child(parent, name)
-        except (OSError, FUSEError):
+            # The entry is the very file ``fd`` has open, even if the name was
+            # replaced in SRC meanwhile (the magic link needs no name).
+            path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+            try:
+                st = os.fstat(path_fd)
+            except OSError:
+                os.close(path_fd)
+                raise
+            entry = self.table.remember(path_fd, st)
+        except OSError:
             os.close(fd)
             raise
         self.gate.handle_opened(token, fd)
         return self._file_info(fd, entry), self._attributes(entry, st)
 
+    # read and write skip the fuse_errors wrapper (one coroutine less on the
+    # hot path) but map errors the same way.
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return os.pread(fh, size, off)
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in read; answering EIO")
+            raise FUSEError(errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
             return os.pwrite(fh, buf, off)
         except OSError as exc:
             raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in write; answering EIO")
+            raise FUSEError(errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
         """Not implemented on purpose: ENOSYS tells the kernel never to send FLUSH again.
@@ -475,6 +502,7 @@ class Operations(pyfuse3.Operations):
             handle.names = [".", "..", *os.listdir(handle.fd)]
         names = handle.names
         directory = handle.inode
+        replied = False
         for index in range(start_id, len(names)):
             name = os.fsencode(names[index])
             if index < 2:
@@ -486,16 +514,26 @@ class Operations(pyfuse3.Operations):
                 # The kernel takes no lookup reference for "." and "..".
                 if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                     return
+                replied = True
                 continue
             if self.gate.is_hidden(directory.key, name):
                 continue
             try:
                 entry, st = self._child(directory, name)
-            except (OSError, FUSEError):
-                continue  # removed since the snapshot
+            except FUSEError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESTALE):
+                    continue  # removed since the snapshot
+                if replied:
+                    # Never drop a name silently (EMFILE would make `ls` lie): end
+                    # this batch; the kernel asks again from here and gets the error.
+                    return
+                raise
             if not pyfuse3.readdir_reply(token, name, self._attributes(entry, st), index + 1):
                 self.table.forget(entry.ino, 1)
                 return
+            replied = True
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
