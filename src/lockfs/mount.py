@@ -61,6 +61,9 @@ READY_TIMEOUT = 60.0
 # for that inode itself, so entries and attributes may be cached. The timeouts
 # stay short so that a change made directly in SRC (not supported, but it
 # happens) or by another mount after a handover is seen within a second.
+# Except the size and mtime of a regular file the kernel knows: with the
+# writeback cache the kernel trusts its own values, so a size changed directly
+# in SRC shows only once the kernel forgot the inode (measured on 6.18).
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 KEEP_CACHE = True  # page cache kept across opens; dropped after another mount held SRC

@@ -16,7 +16,25 @@ Rules every handler follows:
   EIO with a logged traceback, because pyfuse3 ends the daemon on any other
   exception.
 
-Caching: see ``CachePolicy`` in options.py; the values are chosen there.
+Caching: the timeouts, keep_cache and the writeback cache are chosen (and
+explained) next to ``ENTRY_TIMEOUT`` in mount.py.
+
+Limitations, decided and left on purpose:
+- Ownership is set after creation (create as root, then chown through the
+  parent descriptor): for a moment a new object is root's. A store that
+  refuses the chown fails the request and the object is removed again.
+- A directory that someone moves out of SRC *directly in the backing store*
+  stays reachable through the mount while the kernel knows it (like a
+  process's cwd would): the descriptor follows the directory. Swapping names
+  for symlinks never leads out (tests/test_passthrough_safety.py).
+- XATTR_CREATE/XATTR_REPLACE are checked by pyfuse3 with a getxattr before the
+  setxattr: atomic towards requests through the mount (both run on the trio
+  thread without awaiting), not towards writers of SRC itself.
+- POSIX ACLs are off (``enable_acl``): ACL xattrs are stored as plain xattrs,
+  and the kernel checks mode bits only. statfs answers for SRC's filesystem
+  also below a mount point inside SRC. No lseek SEEK_DATA/SEEK_HOLE (no
+  handler in pyfuse3: a sparse file reads as all data), no fallocate, no
+  ioctl (chattr/lsattr fail), no copy_file_range offload.
 """
 
 from __future__ import annotations
