@@ -234,10 +234,11 @@ def test_unmount_command(mounted: Mount) -> None:
     assert os.listdir(mounted.dst) == []
 
 
-def test_sigterm_unmounts_cleanly(mounted: Mount) -> None:
-    """SIGTERM (systemd stop, docker stop) ends the daemon and removes the mount."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(mounted: Mount, signum: int) -> None:
+    """SIGTERM (systemd stop, docker stop) or SIGINT ends the daemon and removes the mount."""
     client(mounted, 'write("kept", "data")')
-    os.kill(mounted.daemon_pid, signal.SIGTERM)
+    os.kill(mounted.daemon_pid, signum)
     wait_for(lambda: not mounted.is_mounted() and not _pid_alive(mounted.daemon_pid),
              what="the daemon to unmount and exit")
     assert os.listdir(mounted.dst) == []

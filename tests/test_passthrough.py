@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount
+from conftest import Mount, require, wait_for
 from nsclient import NOBODY, client, run_snippet, tree
 
 
@@ -512,3 +514,46 @@ result = {name: info(name) for name in ("file", "dir", "link", "fifo", "sock", "
     for name in ("setgid/file", "setgid/dir", "setgid/dir/deeper"):
         assert result[name]["gid"] == 4242, name
     assert os.stat(mount.src / "setgid" / "dir").st_mode & stat.S_ISGID
+
+
+def test_fsync_fdatasync_and_fsyncdir_reach_the_backing_store(mounted: Mount) -> None:
+    """Each sync call of a client makes the daemon sync the backing file before answering."""
+    strace = require("strace")
+    pid = mounted.daemon_pid
+    trace = mounted.log.with_name("fsync.trace")
+    tracer = subprocess.Popen([strace, "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o",
+                               str(trace), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        wait_for(lambda: _traced_threads(pid) >= threads, what="strace to attach")
+        client(mounted, """
+fd = os.open("f", os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, b"durable")
+os.fsync(fd)
+os.write(fd, b"!")
+os.fdatasync(fd)
+os.close(fd)
+os.mkdir("d")
+dfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(dfd)
+os.close(dfd)
+""")
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    calls = trace.read_text()
+    assert calls.count("fsync(") >= 2, calls  # the file and the directory
+    assert "fdatasync(" in calls, calls
+    assert " = -1" not in calls, calls
+    assert (mounted.src / "f").read_bytes() == b"durable!"
+
+
+def _traced_threads(pid: int) -> int:
+    """How many of ``pid``'s threads have a tracer attached."""
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as status:
+            tracer = next(line for line in status if line.startswith("TracerPid:"))
+        count += int(tracer.split()[1]) != 0
+    return count
