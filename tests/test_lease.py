@@ -326,3 +326,37 @@ def test_lost_lock_fences_the_holder(mounted, agents) -> None:
     record = json.loads((mounted.src / ".lockfs-lease").read_text())
     assert record["daemon_pid"] == mounted.daemon_pid
     assert status_of(mounted.dst)["state"] == "held here"
+
+
+def test_handover_between_mounts_shows_the_other_mounts_writes(mount_factory, agents) -> None:
+    """Mount one's kernel cached a file; mount two changed it; mount one must see the change.
+
+    With the writeback cache the kernel trusts its own file sizes, so the
+    daemon must make its kernel forget what it cached once another mount held SRC.
+    """
+    one = mount_factory()
+    two = mount_factory(one.src)
+    (one.src / "sub").mkdir()
+    a = agents()
+    fd = a.call("open", str(one.dst / "sub" / "wal"), "w")
+    a.call("write", fd, "first")
+    a.call("close", fd)
+    assert a.call("read", a.call("open", str(one.dst / "sub" / "wal"), "r")) == "first"
+    assert a.call("stat", str(one.dst / "sub" / "wal")) == 5
+    a.exit()
+
+    b = agents()
+    wait_for(lambda: b.errno_of("stat", str(two.dst / "sub" / "wal")) == 0, what="visible")
+    wait_for(lambda: b.errno_of("open", str(two.dst / "sub" / "wal"), "a") == 0,
+             what="mount two gets the lease")
+    fd = b.call("open", str(two.dst / "sub" / "wal"), "a")
+    b.call("write", fd, "+second")
+    b.call("close", fd)
+    b.exit()
+    assert (one.src / "sub" / "wal").read_text() == "first+second"
+
+    c = agents()
+    wait_for(lambda: c.errno_of("open", str(one.dst / "sub" / "wal"), "r") == 0,
+             what="mount one gets the lease back")
+    assert c.call("read", c.call("open", str(one.dst / "sub" / "wal"), "r")) == "first+second"
+    assert c.call("stat", str(one.dst / "sub" / "wal")) == len("first+second")

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 REFUSAL_LOG_INTERVAL = 5.0  # seconds between two log lines for the same refusal
 LOCK_CHECK_INTERVAL = 1.0  # seconds between two checks that a held OFD lock still stands
-HANDLE_OPENING = frozenset({"open", "create"})
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,14 @@ class Guard:
         self._suppressed = 0
         # Set by mount.py: makes the given handles fail every further request.
         self.revoke: Callable[[frozenset[int]], None] = lambda handles: None
-        # Set by mount.py: drops the kernel's cached attributes of every inode.
-        self.forget_cached_attributes: Callable[[], None] = lambda: None
-        self._mount_id = os.urandom(8).hex()
-        self._cache_epoch = 0
+        # Set by mount.py: makes the kernel drop everything it cached of SRC.
+        self.distrust_caches: Callable[[], None] = lambda: None
+        # The lockfile counts every hold of every mount. The count this mount
+        # last saw: if it differs at this mount's next hold, another mount held
+        # SRC in between and may have written it. None: unknown (SRC was held
+        # by another mount when this one started), which is treated the same.
+        self._holds_seen: int | None = (
+            None if lockfile.held_elsewhere() else _holds(lockfile.read_record()))
 
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (process watchers live in ``nursery``)."""
@@ -101,9 +104,10 @@ class Guard:
             self._take(caller, what)
         if self.lease.note_process(caller) and not self._watch(caller.tgid):
             self.lease.process_exited(caller.tgid)
-        if what not in HANDLE_OPENING and self._trio_token is not None:
-            # In hold=open a request that opens nothing leaves the lease free,
-            # once it has run: check right after this handler returns.
+        if self._trio_token is not None:
+            # In hold=open a request that opened nothing (mkdir, or an open that
+            # failed) leaves the lease free once it has run: check right after
+            # this handler returns.
             self._trio_token.run_sync_soon(self._release_if_unused)
         return caller
 
@@ -128,10 +132,6 @@ class Guard:
 
     def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool:
         return name in self._hidden_names and (parent_key, name) in self._hidden
-
-    @property
-    def cache_epoch(self) -> int:
-        return self._cache_epoch
 
     def status(self) -> bytes:
         return json.dumps(self.status_record(), sort_keys=True).encode()
@@ -173,17 +173,19 @@ class Guard:
                      f"{other.get('host', '?')}, mountpoint {other.get('mountpoint', '?')})")
             self._refuse(str(caller), caller, what, f"lockfile {self.info.lockfile} is held by "
                          f"{where}")
-        previous = self.lockfile.read_record() or {}
-        if previous.get("mount_id") != self._mount_id:
+        holds = _holds(self.lockfile.read_record())
+        if holds != self._holds_seen:
             # Another mount may have written SRC since this one last held it:
             # nothing this mount's kernel has cached can be trusted any more.
-            self._cache_epoch += 1
-            self.forget_cached_attributes()
+            log.info("another mount held %s since this one last did: dropping cached "
+                     "inodes", self.info.source)
+            self.distrust_caches()
+        self._holds_seen = holds + 1
         self.lease.grant(caller)
         self.lockfile.write_record({
             "host": socket.gethostname(), "daemon_pid": os.getpid(),
             "mountpoint": self.info.mountpoint, "holder": str(caller.client),
-            "since": time.time(), "mount_id": self._mount_id,
+            "since": time.time(), "holds": holds + 1,
         })
         log.info("lease taken by %s for %s", caller, what)
 
@@ -236,3 +238,9 @@ class Guard:
         else:
             self._suppressed += 1
         raise FUSEError(errno.EBUSY)
+
+
+def _holds(record: dict[str, object] | None) -> int:
+    """How many holds the lockfile has seen (0 for a new lockfile)."""
+    holds = (record or {}).get("holds", 0)
+    return holds if isinstance(holds, int) else -1

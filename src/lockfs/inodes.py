@@ -19,6 +19,14 @@ filesystem. An object whose st_ino does not fit in 48 bits (or a 32768th
 filesystem) gets a number counted out of the last slot, stable only while
 the kernel knows the object.
 
+Retiring (``retire``): after another lockfs mount of the same SRC held the
+lockfile, nothing this mount's kernel cached can be trusted; with the
+writeback cache the kernel even keeps its own file sizes whatever getattr
+says. So every entry is retired: a request naming a retired inode gets ESTALE,
+which makes the VFS walk the path again with revalidation, and lookups then
+hand out fresh numbers (from a range above 2**62), i.e. new kernel inodes with
+empty caches. Retired entries live on until the kernel forgets them.
+
 Lookup counts follow the kernel's: every reply that hands out an entry adds
 one, ``forget`` subtracts, and the descriptor is closed at zero. A forget for
 more than the table holds is logged and clamped, never raised: an exception
@@ -42,6 +50,7 @@ ROOT_INODE: int = pyfuse3.ROOT_INODE
 FOREIGN_BASE = 1 << 63
 FOREIGN_SLOT_BITS = 48
 FOREIGN_OVERFLOW_SLOT = (1 << (63 - FOREIGN_SLOT_BITS)) - 1
+FRESH_BASE = 1 << 62  # numbers handed out after a retire
 
 BackingKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -55,7 +64,7 @@ class Inode:
     fd: int
     nlookup: int = 0
     is_dir: bool = False
-    cache_epoch: int = 0  # the guard's cache epoch at this inode's last open
+    generation: int = 0  # the table's generation when this entry was made
 
 
 class InodeTable:
@@ -70,9 +79,12 @@ class InodeTable:
         self._foreign_slots: dict[int, int] = {}  # st_dev -> slot, for the mount's life
         self._foreign: dict[BackingKey, int] = {}  # overflow numbers of known objects
         self._next_foreign = FOREIGN_BASE | (FOREIGN_OVERFLOW_SLOT << FOREIGN_SLOT_BITS)
-        root = Inode(ROOT_INODE, self.root_key, root_fd, nlookup=1, is_dir=True)
-        self._by_ino[ROOT_INODE] = root
-        self._by_key[self.root_key] = root
+        self.generation = 0
+        self._fresh: dict[BackingKey, int] = {}
+        self._next_fresh = FRESH_BASE
+        self._root = Inode(ROOT_INODE, self.root_key, root_fd, nlookup=1, is_dir=True)
+        self._by_ino[ROOT_INODE] = self._root
+        self._by_key[self.root_key] = self._root
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -80,6 +92,12 @@ class InodeTable:
     def ino_for(self, key: BackingKey) -> int:
         """The FUSE inode number for a backing object (stable while it is known)."""
         dev, ino = key
+        if self.generation and key != self.root_key:
+            number = self._fresh.get(key)
+            if number is None:
+                number = self._fresh[key] = self._next_fresh
+                self._next_fresh += 1
+            return number
         if dev == self.root_dev:
             if key == self.root_key:
                 return ROOT_INODE
@@ -101,10 +119,21 @@ class InodeTable:
     def get(self, ino: int) -> Inode:
         """The entry for ``ino``; ESTALE if the kernel names one we do not hold."""
         try:
-            return self._by_ino[ino]
+            entry = self._by_ino[ino]
         except KeyError:
             log.error("internal error: request for unknown inode %d", ino)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
+        if entry.generation != self.generation:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # retired: the kernel looks it up again
+        return entry
+
+    def retire(self) -> int:
+        """Retire every entry but the root (see the module docstring); returns how many."""
+        self.generation += 1
+        self._root.generation = self.generation
+        self._fresh.clear()
+        self._by_key = {self.root_key: self._root}
+        return len(self._by_ino) - 1
 
     def inode_numbers(self) -> list[int]:
         return list(self._by_ino)
@@ -124,7 +153,8 @@ class InodeTable:
             os.close(fd)
             known.nlookup += 1
             return known
-        entry = Inode(self.ino_for(key), key, fd, nlookup=1, is_dir=_is_dir(st.st_mode))
+        entry = Inode(self.ino_for(key), key, fd, nlookup=1, is_dir=_is_dir(st.st_mode),
+                      generation=self.generation)
         self._by_ino[entry.ino] = entry
         self._by_key[key] = entry
         return entry
@@ -144,8 +174,10 @@ class InodeTable:
         entry.nlookup -= count
         if entry.nlookup == 0:
             del self._by_ino[ino]
-            del self._by_key[entry.key]
-            self._foreign.pop(entry.key, None)
+            if self._by_key.get(entry.key) is entry:
+                del self._by_key[entry.key]
+                self._foreign.pop(entry.key, None)
+                self._fresh.pop(entry.key, None)
             os.close(entry.fd)
 
     def close_all(self) -> None:

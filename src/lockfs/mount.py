@@ -267,7 +267,7 @@ def serve(options: MountOptions, report) -> int:
                             attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE,
                             writeback=WRITEBACK_CACHE)
     guard.revoke = operations.revoke_handles
-    guard.forget_cached_attributes = operations.forget_cached_attributes
+    guard.distrust_caches = operations.distrust_kernel_caches
     try:
         with _libfuse_messages() as messages:
             pyfuse3.init(operations, options.mountpoint, options.libfuse_options())

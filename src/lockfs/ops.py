@@ -78,10 +78,6 @@ class Gate(Protocol):
 
     def is_hidden(self, parent_key: tuple[int, int], name: bytes) -> bool: ...
 
-    @property
-    def cache_epoch(self) -> int:
-        """Grows each time another mount may have written SRC since this one last held it."""
-
     def status(self) -> bytes: ...
 
 
@@ -165,13 +161,21 @@ class Operations(pyfuse3.Operations):
         finally:
             os.close(revoked)
 
-    def forget_cached_attributes(self) -> None:
-        """Make the kernel ask again for the attributes of every inode it knows.
+    def distrust_kernel_caches(self) -> None:
+        """Another mount may have changed SRC: make the kernel drop all it cached.
 
-        attr_only invalidation takes no page or inode lock in the kernel, so it
-        is safe from inside a request handler.
+        Every inode is retired (inodes.py: requests naming one get ESTALE and
+        the kernel looks the path up again, getting fresh inodes), and its
+        attributes invalidated so that the next permission check or stat of
+        an old inode reaches the daemon and learns it is stale. attr_only
+        invalidation takes no page or inode lock in the kernel, so it is safe
+        from inside a request handler.
         """
-        for ino in self.table.inode_numbers():
+        retired = self.table.inode_numbers()
+        self.table.retire()
+        for ino in retired:
+            if ino == ROOT_INODE:
+                continue
             try:
                 pyfuse3.invalidate_inode(ino, attr_only=True)
             except OSError:
@@ -397,17 +401,14 @@ class Operations(pyfuse3.Operations):
 
     # ----------------------------------------------------------- files
 
-    def _file_info(self, fd: int, entry: Inode) -> FileInfo:
-        """Keep the kernel's page cache of ``entry`` unless another mount may have written it.
+    def _file_info(self, fd: int) -> FileInfo:
+        """Keep the kernel's page cache across opens (see distrust_kernel_caches).
 
         Only the holder writes, and only through this mount, so cached pages
-        stay right across opens; after another mount held the lockfile the
-        epoch moves on and the first open of each inode drops its pages.
+        stay right; after another mount held SRC, inodes are retired and new
+        kernel inodes start with empty caches.
         """
-        epoch = self.gate.cache_epoch
-        keep = self.keep_cache and entry.cache_epoch == epoch
-        entry.cache_epoch = epoch
-        return FileInfo(fh=fd, keep_cache=keep)
+        return FileInfo(fh=fd, keep_cache=self.keep_cache)
 
     def _backing_flags(self, flags: int) -> int:
         flags &= ~OPEN_FLAGS_DROPPED
@@ -417,13 +418,32 @@ class Operations(pyfuse3.Operations):
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_CLOEXEC
 
+    def _open_backing(self, path: str | bytes, flags: int, dir_fd: int | None = None,
+                      extra: int = 0) -> tuple[int, bool]:
+        """Open a backing file for a FUSE open; True when its writes must skip the page cache.
+
+        An append-only file (chattr +a) refuses the read-write, non-append
+        descriptor that the writeback cache needs: it is opened as asked, and
+        the kernel sends its writes straight through (direct_io), where they
+        land as appends, as they do natively.
+        """
+        try:
+            return os.open(path, self._backing_flags(flags) | extra, dir_fd=dir_fd), False
+        except PermissionError:
+            if not (self.enable_writeback_cache and flags & os.O_APPEND):
+                raise
+        asked = (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC | extra
+        return os.open(path, asked, dir_fd=dir_fd), True
+
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         token = self.gate.admit(ctx, "open")
         entry = self.table.get(inode)
-        fd = os.open(proc_path(entry.fd), self._backing_flags(flags))
+        fd, direct = self._open_backing(proc_path(entry.fd), flags)
         self.gate.handle_opened(token, fd)
-        return self._file_info(fd, entry)
+        info = self._file_info(fd)
+        info.direct_io = direct
+        return info
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -432,12 +452,13 @@ class Operations(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         self._refuse_hidden(parent, name)
         base = self._backing_flags(flags) | os.O_NOFOLLOW
+        direct = False
         try:
             fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = os.open(name, base, dir_fd=parent.fd)
+            fd, direct = self._open_backing(name, flags, parent.fd, os.O_NOFOLLOW)
         else:
             try:
                 self._give_to_caller(parent, name, ctx)
@@ -460,7 +481,9 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         self.gate.handle_opened(token, fd)
-        return self._file_info(fd, entry), self._attributes(entry, st)
+        info = self._file_info(fd)
+        info.direct_io = direct
+        return info, self._attributes(entry, st)
 
     # read and write skip the fuse_errors wrapper (one coroutine less on the
     # hot path) but map errors the same way.
