@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Mount
+from conftest import Mount, require
 
 
 def run_child(script: str, directory: Path, timeout: float = 120) -> object:
@@ -81,3 +81,45 @@ def test_rename_whiteout_passes_through(mounted: Mount, tmp_path: Path) -> None:
     assert native == [0, 0, True, 0, "payload"]
     assert through == native
     assert (mounted.src / "b").read_text() == "payload"
+
+
+APPEND_ONLY = r"""
+import json, os, sys
+p = f"{sys.argv[1]}/log"
+result = []
+for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_APPEND,
+              os.O_WRONLY | os.O_APPEND | os.O_CREAT, os.O_WRONLY, os.O_RDWR | os.O_TRUNC):
+    try:
+        fd = os.open(p, flags, 0o644)
+    except OSError as exc:
+        result.append(exc.errno)
+        continue
+    os.write(fd, b"b\n")
+    if flags & os.O_RDWR:
+        os.pwrite(fd, b"c\n", 0)  # O_APPEND: lands at the end all the same
+    os.close(fd)
+    result.append("ok")
+with open(p) as f:
+    result.append(f.read())
+print(json.dumps(result))
+"""
+
+
+def test_append_only_file_takes_appends(mounted: Mount, tmp_path: Path) -> None:
+    """A chattr +a file accepts O_APPEND writes (and only those), as on ext4."""
+    chattr = require("chattr")
+    native = tmp_path / "native"
+    native.mkdir()
+    logs = [native / "log", mounted.src / "log"]
+    for log in logs:
+        log.write_text("a\n")
+        subprocess.run([chattr, "+a", str(log)], check=True)
+    try:
+        expected = run_child(APPEND_ONLY, native)
+        through = run_child(APPEND_ONLY, mounted.dst)
+    finally:
+        for log in logs:
+            subprocess.run([chattr, "-a", str(log)], check=True)
+    assert expected == ["ok", "ok", "ok", 1, 1, "a\nb\nb\nc\nb\n"]
+    assert through == expected
+    assert (mounted.src / "log").read_text() == expected[-1]
