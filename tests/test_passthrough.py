@@ -557,3 +557,41 @@ def _traced_threads(pid: int) -> int:
             tracer = next(line for line in status if line.startswith("TracerPid:"))
         count += int(tracer.split()[1]) != 0
     return count
+
+
+FILL_UP = """
+fd = os.open("big", os.O_CREAT | os.O_WRONLY, 0o644)
+written, error = 0, None
+try:
+    for _ in range(64):
+        written += os.write(fd, b"x" * 65536)
+except OSError as exc:
+    error = errno.errorcode[exc.errno]
+sync = err(os.fsync, fd)
+os.close(fd)
+result = [error, written, sync, os.stat("big").st_size]
+"""
+
+
+def test_a_full_disk_fails_the_write_as_on_the_backing_store(
+        public_dir: Path, mount_factory: Callable[..., Mount]) -> None:
+    """ENOSPC must come from write(), where applications (PostgreSQL extending a
+    relation) handle it, not only later from fsync (where PostgreSQL panics);
+    and the size seen through DST must be SRC's."""
+    src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
+    for path in (src, dst, ref):
+        path.mkdir()
+    for path in (src, ref):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "lockfs-full", str(path)],
+                       check=True)
+    try:
+        mount = mount_factory(src, dst=dst)
+        through_mount = client(mount, FILL_UP)
+        plain = run_snippet(ref, FILL_UP)
+        assert plain[0] == "ENOSPC"
+        assert through_mount[0] == "ENOSPC"
+        assert through_mount[3] == os.stat(src / "big").st_size
+        mount.teardown()
+    finally:
+        for path in (src, ref):
+            subprocess.run(["umount", "-l", str(path)], check=False)

@@ -14,6 +14,8 @@ import subprocess
 from lockfs.errors import AlreadyMountedError, BadPathError, FuseUnavailableError
 
 FUSE_MAJOR, FUSE_MINOR = 10, 229  # /dev/fuse (devices.txt: misc 229)
+# What a FUSE mount whose daemon is gone answers (ECONNABORTED seen on 6.18 too).
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def check_source(source: str) -> str:
@@ -33,7 +35,7 @@ def check_mountpoint(mountpoint: str) -> str:
         # statfs always asks the daemon, so it tells a stale mount at once.
         os.statvfs(mountpoint)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in DEAD_MOUNT_ERRNOS:
             clean_stale_mount(mountpoint)
         elif exc.errno == errno.ENOENT:
             raise BadPathError(f"DST {mountpoint}: does not exist") from None

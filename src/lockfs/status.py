@@ -21,7 +21,7 @@ def read_status(mountpoint: str) -> dict[str, object]:
     try:
         data = os.getxattr(mountpoint, STATUS_XATTR)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise NotMountedError(f"DST {mountpoint}: the lockfs daemon is gone (stale mount); "
                                   f"run 'lockfs unmount {mountpoint}'") from None
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
