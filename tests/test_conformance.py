@@ -8,7 +8,10 @@ itself never opens anything through the mount.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +126,50 @@ def test_append_only_file_takes_appends(mounted: Mount, tmp_path: Path) -> None:
     assert expected == ["ok", "ok", "ok", 1, 1, "a\nb\nb\nc\nb\n"]
     assert through == expected
     assert (mounted.src / "log").read_text() == expected[-1]
+
+
+NOBODY = 65534
+ACL_READS = r"""
+import json
+result = {}
+for name in ("denied", "granted"):
+    try:
+        with open(name) as f:
+            result[name] = f.read()
+    except OSError as exc:
+        result[name] = exc.errno
+print(json.dumps(result))
+"""
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """The system.posix_acl_access value for (tag, perm, id) entries, in order."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def test_posix_acls_are_enforced(mounted: Mount, tmp_path: Path) -> None:
+    """An ACL entry that denies or grants a user is obeyed through the mount as on ext4."""
+    undefined = 0xFFFFFFFF
+    user_obj, user, group_obj, mask, other = 0x01, 0x02, 0x04, 0x10, 0x20
+    deny = posix_acl((user_obj, 6, undefined), (user, 0, NOBODY), (group_obj, 4, undefined),
+                     (mask, 4, undefined), (other, 4, undefined))
+    grant = posix_acl((user_obj, 6, undefined), (user, 4, NOBODY), (group_obj, 0, undefined),
+                      (mask, 4, undefined), (other, 0, undefined))
+    native = tmp_path / "native"
+    results = []
+    for directory in (native, mounted.src):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)
+        for name, acl in (("denied", deny), ("granted", grant)):
+            path = directory / name
+            path.write_text(name)
+            os.setxattr(path, "system.posix_acl_access", acl)
+    for directory in (native, mounted.dst):
+        done = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             sys.executable, "-c", ACL_READS],
+            cwd=directory, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout))
+    assert results[0] == {"denied": errno.EACCES, "granted": "granted"}
+    assert results[1] == results[0]

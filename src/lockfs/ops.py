@@ -30,8 +30,11 @@ Limitations, decided and left on purpose:
 - XATTR_CREATE/XATTR_REPLACE are checked by pyfuse3 with a getxattr before the
   setxattr: atomic towards requests through the mount (both run on the trio
   thread without awaiting), not towards writers of SRC itself.
-- POSIX ACLs are off (``enable_acl``): ACL xattrs are stored as plain xattrs,
-  and the kernel checks mode bits only. statfs answers for SRC's filesystem
+- POSIX ACLs are on (``enable_acl``): the kernel enforces the ACLs stored in
+  SRC, as the backing store would (with them off, an ACL entry that denies a
+  user was ignored and one that grants was refused). The kernel still applies
+  the caller's umask before a create reaches the daemon, also below a default
+  ACL (pyfuse3 cannot ask for FUSE_DONT_MASK). statfs answers for SRC's filesystem
   also below a mount point inside SRC. No lseek SEEK_DATA/SEEK_HOLE (no
   handler in pyfuse3: a sparse file reads as all data), no fallocate, no
   ioctl (chattr/lsattr fail), no copy_file_range offload.
@@ -128,7 +131,7 @@ class Operations(pyfuse3.Operations):
     """A faithful passthrough of one backing directory, descriptor-based throughout."""
 
     supports_dot_lookup = True
-    enable_acl = False
+    enable_acl = True
 
     def __init__(self, table: InodeTable, gate: Gate, *, entry_timeout: float,
                  attr_timeout: float, keep_cache: bool, writeback: bool) -> None:
