@@ -220,3 +220,48 @@ def test_lockfs_without_host_pid_namespace_refuses_every_caller(tmp_path: Path) 
         if _mounted(dst):
             subprocess.run(["umount", "-l", str(dst)], capture_output=True, check=False)
     assert not _mounted(dst)
+
+
+def test_lockfs_in_own_mount_namespace_with_shared_propagation(tmp_path: Path) -> None:
+    """The DaemonSet shape: lockfs runs in a mount namespace of its own (the pod) on a
+    shared mount (Bidirectional propagation), with the host's PID namespace (hostPID).
+    The mount appears on the host, serves clients there, and goes away with the daemon."""
+    for tool in ("unshare", "mount"):
+        require(tool)
+    host_dir, backing = tmp_path / "host-mnt", tmp_path / "backing"
+    backing.mkdir()
+    host_dir.mkdir()
+    dst = host_dir / "pgdata"
+    subprocess.run(["mount", "--bind", str(host_dir), str(host_dir)], check=True)
+    daemon: subprocess.Popen | None = None
+    try:
+        subprocess.run(["mount", "--make-rshared", str(host_dir)], check=True)
+        dst.mkdir()
+        daemon = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "unchanged", *LOCKFS, "mount", "-f",
+             str(backing), str(dst), "--log-file", str(tmp_path / "lockfs.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        wait_for(lambda: _mounted(dst) and lockfs("status", str(dst)).returncode == 0, 30,
+                 "the pod's mount to appear on the host")
+        holder = subprocess.Popen([*RUNTIME, "sh", "-c", f"echo a > {dst}/owner && exec sleep 600"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (backing / "owner").exists(), 15, "the first client to write")
+            other = run_in_ns(f"echo b > {dst}/other")
+            assert other.returncode != 0
+            assert EBUSY_TEXT in other.stderr
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        assert not _mounted(dst), "the unmount must propagate back to the host"
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        if _mounted(dst):
+            subprocess.run(["umount", "-l", str(dst)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(host_dir)], capture_output=True, check=False)
