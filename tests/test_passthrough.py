@@ -475,6 +475,8 @@ result = {
     "xattr readonly": err(os.setxattr, "readonly", "user.x", b"1"),
     "create in open": err(write, "open/new", "x"),
     "mkdir in mine": err(os.mkdir, "mine/sub"),
+    "access": [os.access(name, mode) for name in ("secret", "readonly", "shared", "closed")
+               for mode in (os.R_OK, os.W_OK, os.X_OK, os.F_OK)],
 }
 """, user=NOBODY)
     assert result["create in closed"] == "EACCES"
