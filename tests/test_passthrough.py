@@ -597,3 +597,26 @@ def test_a_full_disk_fails_the_write_as_on_the_backing_store(
     finally:
         for path in (src, ref):
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_odd_names_pass_through_unchanged(mounted: Mount) -> None:
+    """Names are bytes: not UTF-8, 255 bytes long, with newlines or spaces."""
+    names = [b"\xff\xfe-not-utf8", b"n" * 255, b"line\nbreak", b" spaced out ", b"-dash",
+             "ünïcödé".encode()]
+    (mounted.src / os.fsdecode(b"made-in-src-\xff")).write_text("x")
+    result = client(mounted, f"""
+names = {names!r}
+for name in names:
+    write(os.fsdecode(name), "data")
+os.rename(os.fsdecode(names[0]), os.fsdecode(b"renamed-\\xfe"))
+long_target = "t" * 4000
+os.symlink(long_target, "long-link")
+result = [err(write, "m" * 256, "x"), os.readlink("long-link") == long_target,
+          sorted(os.fsencode(n).hex() for n in os.listdir("."))]
+""")
+    expected = sorted([*names[1:], b"renamed-\xfe", b"made-in-src-\xff", b"long-link"])
+    assert result[:2] == ["ENAMETOOLONG", True]
+    assert result[2] == sorted(name.hex() for name in expected)
+    assert sorted(os.listdir(os.fsencode(mounted.dst))) == expected
+    assert sorted(name for name in os.listdir(os.fsencode(mounted.src))
+                  if name != b".lockfs-lease") == expected
