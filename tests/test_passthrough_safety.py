@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import Mount, require, wait_for
-from nsclient import client, daemon_fds, wait_free
+from conftest import LOCKFS, Mount, require, wait_for
+from nsclient import EPILOGUE, PRELUDE, client, daemon_fds, wait_free
 
 from lockfs.inodes import FOREIGN_BASE, InodeTable
 from lockfs.ops import Operations
@@ -382,3 +383,60 @@ def test_descriptor_exhaustion_fails_loudly_and_passes(mounted: Mount) -> None:
     assert sorted(os.listdir(mounted.dst / "many")) == sorted(os.listdir(many))
     assert client(mounted, 'write("after", "fine"); result = read("after")') == "fine"
     assert "out of file descriptors" in mounted.log_text()
+
+
+SLOW_FSYNC_CLIENT = """
+write("f", "data")
+fd = os.open("f", os.O_WRONLY)
+print("ready", flush=True)
+sys.stdin.readline()
+os.fsync(fd)
+os.close(fd)
+result = "synced"
+"""
+
+
+def test_a_hanging_fsync_does_not_stall_the_daemon(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """fsync runs in a worker thread: while it hangs, the daemon keeps answering.
+
+    SRC is itself a lockfs mount whose daemon is stopped with SIGSTOP, so the
+    outer daemon's fsync of a file in it hangs until SIGCONT, no timing involved.
+    """
+    inner = mount_factory()
+    outer = mount_factory(inner.dst, "--lockfile", str(tmp_path / "outer.lease"))
+    fsyncing = subprocess.Popen(
+        ["unshare", "-m", "/usr/bin/python3", "-c", PRELUDE + SLOW_FSYNC_CLIENT + EPILOGUE,
+         str(outer.dst), "0o22"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert fsyncing.stdin is not None and fsyncing.stdout is not None
+    try:
+        assert fsyncing.stdout.readline() == "ready\n"
+        os.kill(inner.daemon_pid, signal.SIGSTOP)
+        fsyncing.stdin.write("go\n")
+        fsyncing.stdin.flush()
+        wait_for(lambda: _in_syscall(outer.daemon_pid, {74, 75}),
+                 what="the outer daemon to be inside fsync")
+        status = subprocess.run([*LOCKFS, "status", "--json", str(outer.dst)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert status.returncode == 0, status.stderr
+        assert _in_syscall(outer.daemon_pid, {74, 75})  # still hanging: status did not wait
+    finally:
+        os.kill(inner.daemon_pid, signal.SIGCONT)
+    out, _ = fsyncing.communicate(timeout=60)
+    assert fsyncing.returncode == 0
+    assert out.splitlines()[-1] == '"synced"'
+    wait_free(outer)
+
+
+def _in_syscall(pid: int, numbers: set[int]) -> bool:
+    """Whether a thread of ``pid`` is blocked in one of the system calls ``numbers``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as syscall:
+                first = syscall.read().split()[0]
+        except (OSError, IndexError):
+            continue
+        if first.isdigit() and int(first) in numbers:
+            return True
+    return False
