@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import LOCKFS, Mount, require, wait_for
+from conftest import LOCKFS, Agent, Mount, require, wait_for
 from nsclient import EPILOGUE, PRELUDE, client, daemon_fds, wait_free
 
 from lockfs.inodes import FOREIGN_BASE, InodeTable
@@ -311,6 +311,21 @@ result = [err(write, "new", "x"), err(os.mkdir, "newdir"), err(os.stat, "f"),
     assert mounted.status()["daemon_pid"] == mounted.daemon_pid
     assert os.listdir(mounted.dst) == []
     assert not mounted.src.exists()
+
+
+def test_removed_src_under_a_holder(mounted: Mount, agents: Callable[..., Agent]) -> None:
+    """A client that already holds the lease sees its requests fail, not the daemon die."""
+    (mounted.src / "d").mkdir()
+    holder = agents()
+    fd = holder.call("open", str(mounted.dst / "d" / "f"), "w")
+    shutil.rmtree(mounted.src)
+    assert holder.errno_of("open", str(mounted.dst / "d" / "g"), "w") == errno.ENOENT
+    assert holder.errno_of("mkdir", str(mounted.dst / "new")) == errno.ENOENT
+    assert holder.errno_of("rename", str(mounted.dst / "d" / "f"),
+                           str(mounted.dst / "d" / "h")) == errno.ENOENT
+    assert holder.call("write", fd, "still written to the open file") > 0
+    holder.call("close", fd)
+    assert mounted.status()["daemon_pid"] == mounted.daemon_pid
 
 
 # ------------------------------------------------------------------ a mount point inside SRC
