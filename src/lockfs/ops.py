@@ -38,6 +38,12 @@ Limitations, decided and left on purpose:
   also below a mount point inside SRC. No lseek SEEK_DATA/SEEK_HOLE (no
   handler in pyfuse3: a sparse file reads as all data), no fallocate, no
   ioctl (chattr/lsattr fail), no copy_file_range offload.
+- DST (or a bind mount of it) mounted inside SRC after mounting would make
+  the daemon call into its own mount and hang; ``lockfs mount`` refuses DST
+  inside SRC, later mounts are the administrator's to avoid.
+- Inline system calls (pread, pwrite, openat...) on a backing store that
+  hangs (a dead NFS server, a frozen filesystem) stall the whole daemon;
+  only fsync, fdatasync and fsyncdir run in worker threads.
 """
 
 from __future__ import annotations
