@@ -328,14 +328,16 @@ def test_lost_lock_fences_the_holder(mounted, agents) -> None:
     assert status_of(mounted.dst)["state"] == "held here"
 
 
-def test_handover_between_mounts_shows_the_other_mounts_writes(mount_factory, agents) -> None:
+@pytest.mark.parametrize("options", [(), ("-o", "writeback_cache")])
+def test_handover_between_mounts_shows_the_other_mounts_writes(mount_factory, agents,
+                                                               options) -> None:
     """Mount one's kernel cached a file; mount two changed it; mount one must see the change.
 
-    With the writeback cache the kernel trusts its own file sizes, so the
+    With the writeback cache the kernel even trusts its own file sizes, so the
     daemon must make its kernel forget what it cached once another mount held SRC.
     """
-    one = mount_factory()
-    two = mount_factory(one.src)
+    one = mount_factory(None, *options)
+    two = mount_factory(one.src, *options)
     (one.src / "sub").mkdir()
     a = agents()
     fd = a.call("open", str(one.dst / "sub" / "wal"), "w")

@@ -148,3 +148,8 @@ def test_watcher_refuses_vanished_process() -> None:
             return ProcessWatcher(nursery, lambda pid: None).watch(child.pid)
 
     assert trio.run(main) is False
+
+
+def test_writeback_cache_is_opt_in() -> None:
+    assert build_options("/s", "/d", []).writeback_cache is False
+    assert build_options("/s", "/d", ["writeback_cache"]).writeback_cache is True

@@ -46,7 +46,8 @@ def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[],
                         metavar="OPT[,OPT...]",
                         help="mount options: hold=process|open, lockfile=PATH, log_file=PATH, "
-                             "ro, suid, dev, and the mount(8) options of an fstab line")
+                             "writeback_cache, ro, suid, dev, and the mount(8) options of an "
+                             "fstab line")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay attached and log to stderr (systemd, containers)")
     parser.add_argument("-d", "--debug", action="store_true", help="log every decision")

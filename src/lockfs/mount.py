@@ -73,7 +73,8 @@ KEEP_CACHE = True  # page cache kept across opens; dropped after another mount h
 # from write() (relation extension) but PANICs on a failed fsync, so the speed
 # it buys (NOTES.md: 1 MiB writes 0.8 instead of 0.5 of native) is not worth it.
 # tests/test_passthrough.py::test_a_full_disk_fails_the_write_as_on_the_backing_store
-WRITEBACK_CACHE = False
+# "-o writeback_cache" turns it on for workloads of many small writes that can
+# live with errors reported at fsync/close.
 READ_AHEAD_KB = 1024  # FUSE's default is 128: four times fewer round trips per MiB read
 
 
@@ -271,7 +272,7 @@ def serve(options: MountOptions, report) -> int:
     )
     operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
                             attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE,
-                            writeback=WRITEBACK_CACHE)
+                            writeback=options.writeback_cache)
     guard.revoke = operations.revoke_handles
     guard.distrust_caches = operations.distrust_kernel_caches
     try:

@@ -28,7 +28,7 @@ MOUNT8_ONLY = frozenset({
     "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
     "_netdev", "loop", "lazytime", "nolazytime", "iversion", "noiversion",
 })
-OWN_FLAGS = frozenset({"debug", "foreground"})
+OWN_FLAGS = frozenset({"debug", "foreground", "writeback_cache"})
 OWN_VALUED = frozenset({"hold", "lockfile", "log_file", "log-file"})
 # The two flags whose opposite the user may ask for (dev, suid) override the default.
 OPPOSITES = {"suid": "nosuid", "dev": "nodev"}
@@ -45,6 +45,7 @@ class MountOptions:
     hold: HoldMode = HoldMode.PROCESS
     lockfile: str | None = None
     log_file: str | None = None
+    writeback_cache: bool = False
     fuse_options: frozenset[str] = field(default_factory=frozenset)
 
     def libfuse_options(self) -> set[str]:
@@ -113,6 +114,7 @@ def build_options(source: str, mountpoint: str, option_lists: list[str], *,
         hold=hold_mode,
         lockfile=lockfile or own.get("lockfile"),
         log_file=log_file or own.get("log_file"),
+        writeback_cache="writeback_cache" in own,
         fuse_options=frozenset(fuse),
     )
 
