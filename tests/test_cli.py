@@ -205,6 +205,15 @@ def test_lockfile_in_a_missing_directory(base: Path) -> None:
     assert "lockfile" in line
 
 
+@pytest.mark.parametrize("where", ["/proc/lockfs-lease", "a-directory"])
+def test_lockfile_that_cannot_be_made_or_locked(base: Path, where: str) -> None:
+    """A lockfile path in procfs (no files can be made there) or naming a directory."""
+    (base / "a-directory").mkdir()
+    path = where if where.startswith("/") else str(base / where)
+    line = refused(base, "mount", str(base / "src"), str(base / "dst"), "--lockfile", path)
+    assert "lockfile" in line and path in line
+
+
 def test_unmount_of_something_not_mounted(base: Path) -> None:
     line = refused(base, "unmount", str(base / "dst"))
     assert "not mounted" in line
