@@ -85,14 +85,17 @@ class Docker:
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for directory, mode in (("etc", 0o755), ("tmp", 0o1777), ("usr", 0o755),
                                     ("var/lib/postgresql", 0o755), ("run/postgresql", 0o755)):
+                # parents first; var/run (a link) comes after var exists
                 parts = directory.split("/")
                 for depth in range(1, len(parts) + 1):
                     info = tarfile.TarInfo("/".join(parts[:depth]))
                     info.type, info.mode = tarfile.DIRTYPE, mode
                     tar.addfile(info)
-            for link in ("bin", "lib", "lib64", "sbin"):
+            links = {name: f"usr/{name}" for name in ("bin", "lib", "lib64", "sbin")}
+            links["var/run"] = "../run"
+            for link, target in links.items():
                 info = tarfile.TarInfo(link)
-                info.type, info.linkname = tarfile.SYMTYPE, f"usr/{link}"
+                info.type, info.linkname = tarfile.SYMTYPE, target
                 tar.addfile(info)
             for name, text in files.items():
                 data = text.encode()
