@@ -156,6 +156,26 @@ result = {
     assert sorted(os.listdir(mounted.dst)) == ["other", "sub"]
 
 
+def test_directories_above_a_lockfile_in_a_subdirectory_stay_put(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """With --lockfile below SRC's root, the directories on its path cannot be moved:
+    the lease would otherwise lock a file at a path that no longer exists."""
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    lockfile = src / "sub" / "deeper" / ".lease"
+    mount = mount_factory(src, "--lockfile", str(lockfile))
+    inode = lockfile.stat().st_ino
+    result = client(mount, """
+os.mkdir("other")
+result = [err(os.rename, "sub", "moved"), err(os.rename, "sub/deeper", "other/deeper"),
+          err(renameat2, "other", "sub", RENAME_EXCHANGE), err(os.rmdir, "sub/deeper"),
+          err(os.rename, "other", "sub/other"), err(write, "sub/deeper/file", "x")]
+""")
+    assert result == ["EBUSY", "EBUSY", "EBUSY", "ENOTEMPTY", "ok", "ok"]
+    assert lockfile.stat().st_ino == inode
+    assert client(mount, 'write("after", "x"); result = read("after")') == "x"
+
+
 # ------------------------------------------------------------------ caching
 
 

@@ -272,7 +272,8 @@ def serve(options: MountOptions, report) -> int:
     )
     operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
                             attr_timeout=ATTR_TIMEOUT, keep_cache=KEEP_CACHE,
-                            writeback=options.writeback_cache)
+                            writeback=options.writeback_cache,
+                            pinned=_pinned_directories(options.lockfile, options.source))
     guard.revoke = operations.revoke_handles
     guard.distrust_caches = operations.distrust_kernel_caches
     try:
@@ -390,6 +391,17 @@ def _raise_fd_limit() -> None:
             return
         except (ValueError, OSError):
             continue
+
+
+def _pinned_directories(lockfile: str, source: str) -> frozenset[tuple[int, int]]:
+    """The directories strictly between SRC and a lockfile below SRC's root."""
+    keys = set()
+    parent = os.path.dirname(lockfile)
+    while parent.startswith(source + "/"):
+        st = os.stat(parent)
+        keys.add((st.st_dev, st.st_ino))
+        parent = os.path.dirname(parent)
+    return frozenset(keys)
 
 
 def _hidden_entries(lockfile: str, source: str) -> set[tuple[tuple[int, int], bytes]]:

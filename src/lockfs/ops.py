@@ -140,10 +140,14 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, table: InodeTable, gate: Gate, *, entry_timeout: float,
-                 attr_timeout: float, keep_cache: bool, writeback: bool) -> None:
+                 attr_timeout: float, keep_cache: bool, writeback: bool,
+                 pinned: frozenset[tuple[int, int]] = frozenset()) -> None:
         super().__init__()
         self.table = table
         self.gate = gate
+        # Directories between SRC and a lockfile below SRC's root: moving one
+        # would move the lockfile away from the path every daemon locks.
+        self.pinned = pinned
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.keep_cache = keep_cache
@@ -235,6 +239,15 @@ class Operations(pyfuse3.Operations):
         if self.gate.is_hidden(parent.key, name):
             log.warning("refused to touch the reserved lockfile name %r", name)
             raise FUSEError(errno.EPERM)
+
+    def _refuse_pinned(self, parent: Inode, name: bytes) -> None:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return  # the rename itself reports it
+        if (st.st_dev, st.st_ino) in self.pinned:
+            log.warning("refused to move %r: the lockfile lives below it", name)
+            raise FUSEError(errno.EBUSY)
 
     def _give_to_caller(self, parent: Inode, name: bytes, ctx: RequestContext) -> None:
         """Make a new object the caller's, as the kernel would have.
@@ -400,6 +413,9 @@ class Operations(pyfuse3.Operations):
         new = self.table.get(parent_inode_new)
         self._refuse_hidden(old, name_old)
         self._refuse_hidden(new, name_new)
+        if self.pinned:
+            self._refuse_pinned(old, name_old)
+            self._refuse_pinned(new, name_new)
         if flags == 0:
             os.rename(name_old, name_new, src_dir_fd=old.fd, dst_dir_fd=new.fd)
         elif flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
