@@ -182,3 +182,24 @@ def test_second_lockfs_daemon_on_same_source_is_refused(pg: PgEnv) -> None:
     c = pg.postmaster(second.dst, "C")
     c.wait_ready()
     assert c.psql("select count(*) from t") == "1"
+
+
+def test_hold_open_lets_a_second_postmaster_in_while_the_first_idles(pg: PgEnv) -> None:
+    """Why the default is hold=process: with hold=open an idle A has nothing open, loses
+    the lease, and B starts on A's live data directory (documented in docs/deploy.md).
+    A finds out at its next file open: EBUSY."""
+    mount = initialized(pg, "--hold=open")
+    a = pg.postmaster(mount.dst, "A", *IDLE_SETTINGS)
+    a.wait_ready()
+    wait_for(lambda: mount.status()["state"] == "free", 15,
+             "idle A to lose the lease (nothing open, hold=open)")
+    assert a.process.poll() is None
+
+    b = pg.postmaster(mount.dst, "B", *IDLE_SETTINGS)
+    b.wait_ready()  # the hazard: two servers on one data directory
+    assert a.process.poll() is None
+    result = subprocess.run(
+        [pg_bin("psql"), "-X", "-h", str(a.sockdir), "-U", "postgres", "-Atc", "select 1"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert EBUSY_TEXT in result.stderr, result.stderr
