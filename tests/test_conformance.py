@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -173,3 +174,33 @@ def test_posix_acls_are_enforced(mounted: Mount, tmp_path: Path) -> None:
         results.append(json.loads(done.stdout))
     assert results[0] == {"denied": errno.EACCES, "granted": "granted"}
     assert results[1] == results[0]
+
+
+SET_ACL = r"""
+import json, os, stat, sys
+os.setxattr("file", "system.posix_acl_access", bytes.fromhex(sys.argv[1]))
+print(json.dumps(oct(stat.S_IMODE(os.stat("file").st_mode))))
+"""
+
+
+def test_acl_set_by_non_member_drops_setgid(mounted: Mount, tmp_path: Path) -> None:
+    """xfstests generic/375: an owner outside the file's group who sets an ACL loses S_ISGID."""
+    undefined = 0xFFFFFFFF
+    acl = posix_acl((0x01, 7, undefined), (0x04, 7, undefined), (0x20, 7, undefined))
+    native = tmp_path / "native"
+    native.mkdir()
+    results = []
+    for directory, view in ((native, native), (mounted.src, mounted.dst)):
+        directory.chmod(0o755)
+        path = directory / "file"
+        path.write_text("x")
+        os.chown(path, NOBODY, 0)
+        path.chmod(0o2755)
+        done = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             sys.executable, "-c", SET_ACL, acl.hex()],
+            cwd=view, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout))
+    assert results == ["0o777", "0o777"]
+    assert stat.S_IMODE((mounted.src / "file").stat().st_mode) == 0o777

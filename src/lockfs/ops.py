@@ -67,6 +67,7 @@ from lockfs.inodes import ROOT_INODE, Inode, InodeTable
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = b"user.lockfs.status"
+ACL_ACCESS_XATTR = b"system.posix_acl_access"
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags the backing open must not see: creation is done by create(), O_NOFOLLOW
 # would refuse the /proc/self/fd magic link, O_DIRECT needs aligned buffers.
@@ -620,7 +621,17 @@ class Operations(pyfuse3.Operations):
         if inode == ROOT_INODE and name == STATUS_XATTR:
             raise FUSEError(errno.EPERM)
         self.gate.admit(ctx, "setxattr")
-        os.setxattr(proc_path(self.table.get(inode).fd), name, value)
+        entry = self.table.get(inode)
+        os.setxattr(proc_path(entry.fd), name, value)
+        if name == ACL_ACCESS_XATTR and ctx.uid != 0:
+            # Setting an access ACL drops S_ISGID when the setter is neither in
+            # the file's group nor privileged. The kernel asks for that only of
+            # daemons with FUSE_SETXATTR_EXT (pyfuse3 has none), and the backing
+            # store keeps the bit for the daemon itself, which is root.
+            st = os.fstat(entry.fd)
+            if (st.st_mode & stat.S_ISGID and ctx.gid != st.st_gid
+                    and st.st_gid not in _supplementary_groups(ctx.pid)):
+                os.chmod(proc_path(entry.fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
