@@ -13,6 +13,7 @@ and the DaemonSet mistake of running lockfs without the host's PID namespace.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -205,10 +206,11 @@ def test_lockfs_without_host_pid_namespace_refuses_every_caller(tmp_path: Path) 
         listing = run_in_ns(f"ls {dst}")  # lookup and readdir never need the lease
         assert listing.returncode == 0
         assert "seed" in listing.stdout
-        status = lockfs("status", str(dst))
-        assert "state:        free" in status.stdout
-        assert "pid 0" in status.stdout
-        assert "pid 0" in log.read_text()
+        status = json.loads(lockfs("status", "--json", str(dst)).stdout)
+        assert status["state"] == "free"
+        assert status["refusals"] >= 2  # the write and the read
+        assert status["last_refusal"]["who"] == "pid 0"
+        assert "refused create by pid 0" in log.read_text()
     finally:
         with contextlib.suppress(ProcessLookupError, OSError):
             os.kill(child_of(daemon.pid), signal.SIGTERM)
