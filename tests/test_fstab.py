@@ -172,3 +172,43 @@ def test_foreground_mount_sends_ready_after_mount_answers(tmp_path: Path,
             _out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert not _mounted(dst)
+
+
+EXAMPLE = UNIT.with_name("fstab.example")
+
+
+def test_fstab_example_lines_mount_nosuid_nodev(tmp_path: Path,
+                                                cleanup_mounts: list[Path]) -> None:
+    """Every line of mount-helpers/fstab.example mounts (paths moved into tmp_path), with the
+    nosuid,nodev a data volume wants although mount.fuse3 passes dev,suid by default."""
+    require_fstab_path()
+    lines = [line.split() for line in EXAMPLE.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert lines, "fstab.example has no entries"
+    for src_text, dst_text, kind, options, *_ in lines:
+        assert kind == "fuse.lockfs"
+        src, dst = tmp_path / src_text.lstrip("/"), tmp_path / dst_text.lstrip("/")
+        src.mkdir(parents=True)
+        dst.mkdir(parents=True)
+        moved = []
+        for option in options.split(","):
+            if option.startswith("lockfile="):
+                lockfile = tmp_path / option.removeprefix("lockfile=").lstrip("/")
+                lockfile.parent.mkdir(parents=True, exist_ok=True)
+                option = f"lockfile={lockfile}"
+            moved.append(option)
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"{src} {dst} {kind} {','.join(moved)} 0 0\n")
+        cleanup_mounts.append(dst)
+        mounted = subprocess.run(["mount", "-T", str(fstab), str(dst)], capture_output=True,
+                                 text=True, timeout=60, check=False)
+        assert mounted.returncode == 0, f"{options}: {mounted.stderr}"
+        with open("/proc/self/mountinfo") as mountinfo:
+            line = next(entry for entry in mountinfo if entry.split()[4] == str(dst))
+        flags = line.split()[5].split(",")
+        assert "nosuid" in flags and "nodev" in flags, line
+        record = status(dst)
+        assert record["hold"] == ("open" if "hold=open" in options else "process")
+        unmounted = subprocess.run(["umount", str(dst)], capture_output=True, text=True,
+                                   timeout=60, check=False)
+        assert unmounted.returncode == 0, unmounted.stderr
