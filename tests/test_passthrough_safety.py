@@ -381,6 +381,16 @@ result = [read("inner/sub/new"), read("inner/sub/a"), err(os.rename, "plain", "i
         assert result == ["written through DST", "on tmpfs", "EXDEV", "EXDEV"]
         assert (inner / "sub" / "new").read_text() == "written through DST"
         assert os.lstat(mount.dst / "inner" / "sub" / "a").st_ino == numbers["a"]
+        # Numbers stay the same after the kernel forgot the inodes (ls -i, tar, du).
+        known = daemon_fds(mount)
+
+        def forgotten() -> bool:
+            Path("/proc/sys/vm/drop_caches").write_text("2")
+            return daemon_fds(mount) < known
+
+        wait_for(forgotten, timeout=30, what="the kernel to forget the tmpfs inodes")
+        assert os.lstat(mount.dst / "inner" / "sub" / "a").st_ino == numbers["a"]
+        assert os.stat(mount.dst / "inner").st_ino == inner_ino
     finally:
         subprocess.run(["umount", "-l", str(inner)], check=False)
 
