@@ -153,3 +153,10 @@ def test_watcher_refuses_vanished_process() -> None:
 def test_writeback_cache_is_opt_in() -> None:
     assert build_options("/s", "/d", []).writeback_cache is False
     assert build_options("/s", "/d", ["writeback_cache"]).writeback_cache is True
+
+
+def test_mount8_dev_suid_do_not_lift_nosuid_nodev() -> None:
+    fuse = build_options("/s", "/d", ["rw,dev,suid"], mount8=True).libfuse_options()
+    assert {"nosuid", "nodev"} <= fuse
+    explicit = build_options("/s", "/d", ["suid,dev"]).libfuse_options()
+    assert "nosuid" not in explicit and "nodev" not in explicit

@@ -76,7 +76,7 @@ def _dispatch(argv: list[str]) -> int:
         form = _Parser(prog="lockfs SRC DST")
         _add_mount_arguments(form)
         args = form.parse_args(argv)
-        return _mount(args)
+        return _mount(args, mount8=True)
     args = _parser().parse_args(argv)
     if args.command == "mount":
         return _mount(args)
@@ -85,13 +85,13 @@ def _dispatch(argv: list[str]) -> int:
     return _status(args.mountpoint, as_json=args.json)
 
 
-def _mount(args: argparse.Namespace) -> int:
+def _mount(args: argparse.Namespace, *, mount8: bool = False) -> int:
     from lockfs.mount import run_mount
     from lockfs.options import build_options
 
     options = build_options(args.source, args.mountpoint, args.options,
                             foreground=args.foreground, debug=args.debug, hold=args.hold,
-                            lockfile=args.lockfile, log_file=args.log_file)
+                            lockfile=args.lockfile, log_file=args.log_file, mount8=mount8)
     return run_mount(options)
 
 
@@ -115,7 +115,7 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> int:
     if kind != "fuse.lockfs":
         raise NotMountedError(f"DST {mountpoint}: is a {kind} mount, not lockfs")
     try:
-        daemon_pid = int(read_status(path).get("daemon_pid") or 0)  # type: ignore[arg-type]
+        daemon_pid = _daemon_pid_here(read_status(path))
     except (NotMountedError, ValueError):
         daemon_pid = 0
     command = ["umount", path] if os.geteuid() == 0 else ["fusermount3", "-u", path]
@@ -126,6 +126,32 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while daemon_pid and time.monotonic() < deadline and _alive(daemon_pid):
         time.sleep(0.02)
+    return 0
+
+
+def _daemon_pid_here(record: dict[str, object]) -> int:
+    """The daemon's pid as this PID namespace sees it (0 if it cannot be seen).
+
+    The status record gives the pid in the daemon's own PID namespace; when
+    that is another namespace (a daemon in a container), the process is found
+    by its namespace and its innermost pid (NSpid in /proc/PID/status).
+    """
+    pid = int(record.get("daemon_pid") or 0)  # type: ignore[call-overload]
+    namespace = record.get("daemon_pid_namespace")
+    if namespace is None or namespace == os.stat("/proc/self/ns/pid").st_ino:
+        return pid
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino != namespace:
+                continue
+            with open(f"/proc/{entry}/status") as status:
+                nspid = next(line for line in status if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if nspid.split()[-1] == str(pid):
+            return int(entry)
     return 0
 
 

@@ -159,6 +159,7 @@ class Guard:
             "refusals": stats.refusals,
             "last_refusal": asdict(stats.last_refusal) if stats.last_refusal else None,
             "daemon_pid": os.getpid(),
+            "daemon_pid_namespace": os.stat("/proc/self/ns/pid").st_ino,
         }
         if state == "held by another mount":
             record["other_mount"] = self.lockfile.read_record()

@@ -78,8 +78,14 @@ def parse_option_list(values: list[str]) -> dict[str, str | None]:
 
 def build_options(source: str, mountpoint: str, option_lists: list[str], *,
                   foreground: bool = False, debug: bool = False, hold: str | None = None,
-                  lockfile: str | None = None, log_file: str | None = None) -> MountOptions:
+                  lockfile: str | None = None, log_file: str | None = None,
+                  mount8: bool = False) -> MountOptions:
     """Merge flags and ``-o`` lists; flags given explicitly win.
+
+    ``mount8``: the options come from mount(8)/mount.fuse3, which spell out
+    ``dev,suid`` for every fstab line that does not say nodev/nosuid
+    ("defaults" included). There they are ignored: a lockfs mount from fstab
+    is always nosuid,nodev, as a container volume source should be.
 
     Raises:
         UsageError: an unknown option, a missing value, or a bad hold mode.
@@ -87,6 +93,8 @@ def build_options(source: str, mountpoint: str, option_lists: list[str], *,
     fuse: set[str] = set()
     own: dict[str, str | None] = {}
     for name, value in parse_option_list(option_lists).items():
+        if mount8 and name in OPPOSITES:
+            continue
         if name in OWN_VALUED:
             if not value:
                 raise UsageError(f"option '{name}' needs a value ({name}=...)")
