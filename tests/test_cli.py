@@ -135,7 +135,8 @@ def test_dst_already_a_lockfs_mount(mounted: Mount, tmp_path: Path) -> None:
     assert mounted.status()["daemon_pid"] == mounted.daemon_pid
 
 
-@pytest.mark.parametrize("option", ["frobnicate", "hold=forever", "lockfile"])
+@pytest.mark.parametrize("option", ["frobnicate", "hold=forever", "lockfile", "max_read=4096",
+                                    "blksize=4096"])
 def test_unknown_or_bad_option(base: Path, option: str) -> None:
     line = refused(base, "mount", str(base / "src"), str(base / "dst"), "-o", option)
     assert option.split("=")[0] in line or option.split("=")[1] in line

@@ -298,6 +298,11 @@ def serve(options: MountOptions, report) -> int:
              options.mountpoint, options.hold.value, options.lockfile, where)
     try:
         trio.run(_serve_async, options, guard, report)
+    except BaseExceptionGroup as group:
+        failure = _first_lockfs_error(group)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         pyfuse3.close(unmount=True)
         guard.close()
@@ -329,6 +334,18 @@ def _libfuse_messages() -> Iterator[list[str]]:
         lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _first_lockfs_error(group: BaseExceptionGroup) -> LockfsError | None:
+    """The first LockfsError in a (nested) nursery exception group, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, LockfsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_lockfs_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 async def _serve_async(options: MountOptions, guard: Guard, report) -> None:
     async with trio.open_nursery() as nursery:
         guard.start(nursery)
@@ -347,7 +364,13 @@ async def _terminate_on_signals() -> None:
 
 
 async def _announce_ready(mountpoint: str, report) -> None:
-    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    try:
+        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    except OSError as exc:
+        # The kernel took the mount but refused the session (an option it did
+        # not accept at FUSE_INIT): one clear line, not a traceback.
+        raise FuseUnavailableError(f"DST {mountpoint}: the new mount does not answer "
+                                   f"({exc.strerror})") from None
     _tune_bdi(st.st_dev)
     log.info("mount ready at %s", mountpoint)
     _report(report, "ready")

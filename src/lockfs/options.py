@@ -22,7 +22,12 @@ FUSE_FLAGS = frozenset({
     "dirsync", "atime", "noatime", "nodiratime", "relatime", "strictatime",
     "allow_other", "allow_root", "default_permissions",
 })
-FUSE_VALUED = frozenset({"fsname", "subtype", "max_read", "blksize"})
+FUSE_VALUED = frozenset({"fsname", "subtype"})
+# libfuse options that cannot work here, refused by name with the reason.
+NOT_SUPPORTED = {
+    "max_read": "pyfuse3 asks the kernel for its own maximum read size; the session fails",
+    "blksize": "it is only for block-device (fuseblk) mounts",
+}
 # Meaningful to mount(8) or systemd only.
 MOUNT8_ONLY = frozenset({
     "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
@@ -103,6 +108,8 @@ def build_options(source: str, mountpoint: str, option_lists: list[str], *,
             own[name] = "1"
         elif name in FUSE_FLAGS and value is None:
             fuse.add(name)
+        elif name in NOT_SUPPORTED:
+            raise UsageError(f"mount option '{name}' is not supported: {NOT_SUPPORTED[name]}")
         elif name in FUSE_VALUED and value:
             fuse.add(f"{name}={value}")
         elif name in MOUNT8_ONLY or name.startswith(("x-", "comment=")) or name == "comment":
