@@ -298,3 +298,12 @@ def test_mount8_form(tmp_path: Path, mount_factory: Callable[..., Mount]) -> Non
         mount.teardown()
     assert not _mounted(dst)
 
+
+
+def test_explicit_dev_and_suid_lift_the_defaults(mount_factory: Callable[..., Mount]) -> None:
+    """`lockfs mount -o dev,suid` really mounts without nodev,nosuid (libfuse adds them
+    unless it is told the opposite)."""
+    mount = mount_factory(None, "-o", "dev,suid")
+    with open("/proc/mounts") as mounts:
+        options = next(row for row in mounts if row.split()[1] == str(mount.dst)).split()[3]
+    assert "nosuid" not in options.split(",") and "nodev" not in options.split(",")
