@@ -37,7 +37,8 @@ Limitations, decided and left on purpose:
   ACL (pyfuse3 cannot ask for FUSE_DONT_MASK). statfs answers for SRC's filesystem
   also below a mount point inside SRC. No lseek SEEK_DATA/SEEK_HOLE (no
   handler in pyfuse3: a sparse file reads as all data), no fallocate, no
-  ioctl (chattr/lsattr fail), no copy_file_range offload.
+  ioctl (chattr/lsattr fail), no copy_file_range offload, no O_TMPFILE
+  (EOPNOTSUPP: applications fall back to a named temporary file).
 - DST (or a bind mount of it) mounted inside SRC after mounting would make
   the daemon call into its own mount and hang; ``lockfs mount`` refuses DST
   inside SRC, later mounts are the administrator's to avoid.
