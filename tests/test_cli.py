@@ -67,46 +67,54 @@ def base(tmp_path: Path) -> Path:
 
 
 def test_src_missing(base: Path) -> None:
+    """A typo in SRC must not create anything anywhere."""
     line = refused(base, "mount", str(base / "nosuch"), str(base / "dst"))
     assert "nosuch" in line and "does not exist" in line
 
 
 def test_src_not_a_directory(base: Path) -> None:
+    """Only a directory can be served."""
     (base / "file").write_text("x")
     line = refused(base, "mount", str(base / "file"), str(base / "dst"))
     assert "not a directory" in line
 
 
 def test_dst_missing(base: Path) -> None:
+    """lockfs never creates DST: a typo would mount somewhere unexpected."""
     line = refused(base, "mount", str(base / "src"), str(base / "nosuch"))
     assert "nosuch" in line and "does not exist" in line
 
 
 def test_dst_not_a_directory(base: Path) -> None:
+    """A file at DST is refused, not replaced."""
     (base / "file").write_text("x")
     line = refused(base, "mount", str(base / "src"), str(base / "file"))
     assert "not a directory" in line
 
 
 def test_dst_not_empty(base: Path) -> None:
+    """Mounting over data would hide it from everyone."""
     (base / "dst" / "data").write_text("keep me")
     line = refused(base, "mount", str(base / "src"), str(base / "dst"))
     assert "not empty" in line
 
 
 def test_dst_inside_src(base: Path) -> None:
+    """The mount would show itself inside itself (and the daemon call into itself)."""
     (base / "src" / "inner").mkdir()
     line = refused(base, "mount", str(base / "src"), str(base / "src" / "inner"))
     assert "inside SRC" in line
 
 
 def test_src_inside_dst(base: Path) -> None:
+    """SRC would disappear under its own mount."""
     (base / "dst" / "inner").mkdir()
     line = refused(base, "mount", str(base / "dst" / "inner"), str(base / "dst"))
     assert "inside DST" in line
 
 
 def test_src_and_dst_the_same(base: Path) -> None:
+    """Mounting SRC over itself hides the data the daemon serves."""
     line = refused(base, "mount", str(base / "src"), str(base / "src"))
     assert "same" in line
 
@@ -128,6 +136,7 @@ def test_dst_already_a_mount_point(base: Path, kind: str) -> None:
 
 
 def test_dst_already_a_lockfs_mount(mounted: Mount, tmp_path: Path) -> None:
+    """A second mount on a live one is refused; the first keeps serving."""
     other = tmp_path / "other-src"
     other.mkdir()
     line = refused(tmp_path, "mount", str(other), str(mounted.dst))
@@ -138,11 +147,13 @@ def test_dst_already_a_lockfs_mount(mounted: Mount, tmp_path: Path) -> None:
 @pytest.mark.parametrize("option", ["frobnicate", "hold=forever", "lockfile", "max_read=4096",
                                     "blksize=4096"])
 def test_unknown_or_bad_option(base: Path, option: str) -> None:
+    """Every -o option is known by name, or refused by name."""
     line = refused(base, "mount", str(base / "src"), str(base / "dst"), "-o", option)
     assert option.split("=")[0] in line or option.split("=")[1] in line
 
 
 def test_unknown_option_in_the_mount8_form(base: Path) -> None:
+    """An fstab typo fails the mount(8) form with the same one line."""
     line = refused(base, str(base / "src"), str(base / "dst"), "-o", "rw,frobnicate")
     assert "frobnicate" in line
 
@@ -201,6 +212,7 @@ def test_root_without_mount_privilege(base: Path) -> None:
 
 
 def test_lockfile_in_a_missing_directory(base: Path) -> None:
+    """--lockfile in a directory that does not exist is refused, not created."""
     line = refused(base, "mount", str(base / "src"), str(base / "dst"),
                    "--lockfile", str(base / "nosuch" / "lease"))
     assert "lockfile" in line
@@ -216,6 +228,7 @@ def test_lockfile_that_cannot_be_made_or_locked(base: Path, where: str) -> None:
 
 
 def test_unmount_of_something_not_mounted(base: Path) -> None:
+    """`lockfs unmount` of a plain directory says so in one line."""
     line = refused(base, "unmount", str(base / "dst"))
     assert "not mounted" in line
 

@@ -240,6 +240,7 @@ def test_forgotten_inodes_give_their_descriptors_back(mounted: Mount) -> None:
     assert daemon_fds(mounted) >= baseline + 3000
 
     def dropped() -> bool:
+        """Ask the kernel to drop unused dentries and inodes, then count again."""
         Path("/proc/sys/vm/drop_caches").write_text("2")
         return daemon_fds(mounted) < baseline + 50
 
@@ -385,6 +386,7 @@ result = [read("inner/sub/new"), read("inner/sub/a"), err(os.rename, "plain", "i
         known = daemon_fds(mount)
 
         def forgotten() -> bool:
+            """Drop the kernel's unused inodes; some of the tmpfs ones must go."""
             Path("/proc/sys/vm/drop_caches").write_text("2")
             return daemon_fds(mount) < known
 
