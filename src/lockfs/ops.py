@@ -27,6 +27,10 @@ Limitations, decided and left on purpose:
   stays reachable through the mount while the kernel knows it (like a
   process's cwd would): the descriptor follows the directory. Swapping names
   for symlinks never leads out (tests/test_passthrough_safety.py).
+- create() of a name that a writer of SRC itself made between the kernel's
+  lookup (no such name) and the create opens that file without O_EXCL the
+  way the caller asked, with the daemon's (root's) rights: the kernel checked
+  permissions on the directory, not on a file it did not know.
 - XATTR_CREATE/XATTR_REPLACE are checked by pyfuse3 with a getxattr before the
   setxattr: atomic towards requests through the mount (both run on the trio
   thread without awaiting), not towards writers of SRC itself.
