@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import Mount, require
@@ -204,3 +205,38 @@ def test_acl_set_by_non_member_drops_setgid(mounted: Mount, tmp_path: Path) -> N
         results.append(json.loads(done.stdout))
     assert results == ["0o777", "0o777"]
     assert stat.S_IMODE((mounted.src / "file").stat().st_mode) == 0o777
+
+
+INODE_NUMBERS = r"""
+import json, os, sys, time
+os.chdir(sys.argv[1])
+with open("a", "w") as f:
+    f.write("x")
+os.link("a", "hard")
+first = os.stat("a").st_ino
+os.rename("a", "b")
+after_rename = os.stat("b").st_ino
+numbers = [first, after_rename]
+for _ in range(5):
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # the kernel forgets the inodes; lookups hand numbers out again
+    time.sleep(0.1)  # let the daemon take the FORGETs before the next LOOKUP
+    numbers += [os.stat("b").st_ino, os.stat("hard").st_ino]
+print(json.dumps(numbers))
+"""
+
+
+def test_inode_numbers_stay_after_a_handover(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """pjdfstest rename/09.t: a file keeps its st_ino across rename and forget, also on a
+    mount that took over SRC from an earlier mount (which retires the cached inodes)."""
+    earlier = mount_factory()
+    run_child("import sys; open(sys.argv[1] + '/touched', 'w').close(); print('null')",
+              earlier.dst)
+    earlier.teardown()
+    mount = mount_factory(earlier.src)
+    native = tmp_path / "native"
+    native.mkdir()
+    for directory in (native, mount.dst):
+        numbers = run_child(INODE_NUMBERS, directory)
+        assert len(set(numbers)) == 1, numbers

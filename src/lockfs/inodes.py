@@ -51,6 +51,7 @@ FOREIGN_BASE = 1 << 63
 FOREIGN_SLOT_BITS = 48
 FOREIGN_OVERFLOW_SLOT = (1 << (63 - FOREIGN_SLOT_BITS)) - 1
 FRESH_BASE = 1 << 62  # numbers handed out after a retire
+FRESH_GENERATIONS = (1 << (62 - FOREIGN_SLOT_BITS)) - 1  # generation fields above 0
 
 BackingKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -91,13 +92,27 @@ class InodeTable:
 
     def ino_for(self, key: BackingKey) -> int:
         """The FUSE inode number for a backing object (stable while it is known)."""
-        dev, ino = key
         if self.generation and key != self.root_key:
+            # After a retire, numbers are the generation's range plus the usual
+            # number, so that an object keeps its number (across renames, and
+            # after the kernel forgot it) as st_ino does on the backing store.
+            usual = self._usual_number(key)
+            field = (self.generation - 1) % FRESH_GENERATIONS + 1
+            number = FRESH_BASE | (field << FOREIGN_SLOT_BITS) | usual
+            known = self._by_ino.get(number)
+            if usual < 1 << FOREIGN_SLOT_BITS and (known is None or (
+                    known.key == key and known.generation == self.generation)):
+                return number
             number = self._fresh.get(key)
             if number is None:
                 number = self._fresh[key] = self._next_fresh
                 self._next_fresh += 1
             return number
+        return self._usual_number(key)
+
+    def _usual_number(self, key: BackingKey) -> int:
+        """The number of ``key`` while no retire happened (see the module docstring)."""
+        dev, ino = key
         if dev == self.root_dev:
             if key == self.root_key:
                 return ROOT_INODE
