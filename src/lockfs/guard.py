@@ -168,7 +168,16 @@ class Guard:
     # ----------------------------------------------------------- internals
 
     def _take(self, caller: Caller, what: str) -> None:
-        if not self.lockfile.try_lock():
+        try:
+            locked = self.lockfile.try_lock()
+        except OSError as exc:
+            # SRC removed, say: the caller gets the error itself (ENOENT), and
+            # the log and status say why.
+            reason = f"lockfile {self.info.lockfile} cannot be locked: {exc.strerror}"
+            self.lease.refused(str(caller), what, reason)
+            log.error("refused %s by %s: %s", what, caller, reason)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        if not locked:
             other = self.lockfile.read_record() or {}
             where = (f"another lockfs mount (daemon pid {other.get('daemon_pid', '?')} on "
                      f"{other.get('host', '?')}, mountpoint {other.get('mountpoint', '?')})")
