@@ -16,10 +16,12 @@ Prints a table and writes JSON (default bench/results/<time>.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,11 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from targets import Target, log, run
-from workloads import FULL, QUICK, WORKLOADS, Workload
+from workloads import FULL, QUICK, WORKLOADS, Sizes, Workload
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 TARGETS = ("native", "lockfs", "bindfs")
+TARGET_DESCRIPTIONS = {
+    "native": "the backing directory itself",
+    "lockfs": "lockfs mount SRC DST --log-file F (default options)",
+    "bindfs": "bindfs -f -o default_permissions,nosuid,nodev SRC DST (allow_other is "
+              "bindfs's default as root; single-threaded by default)",
+}
 
 # Issue 5's targets: (ratio, minimum); "LN" lockfs/native, "LB" lockfs/bindfs;
 # ("max", x) bounds the lockfs value itself. Every throughput line also needs LB >= 1.
@@ -69,6 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/lockfs-bench"),
                         help="backing directories and mount points (removed at the end)")
+    parser.add_argument("--set", default="", metavar="KEY=VALUE,...",
+                        help="override sizes/durations, e.g. pg_seconds=20,rand_seconds=10 "
+                             "(keys: the fields of workloads.Sizes)")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="comma-separated subset of native,lockfs,bindfs (ratios need two)")
     parser.add_argument("--lockfs-pythonpath", default=None,
                         help="run lockfs from this source tree (to measure a private change)")
     args = parser.parse_args(argv)
@@ -77,6 +90,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     args.names = names
+    args.target_names = [t for t in TARGETS if t in args.targets.split(",")]
+    if not args.target_names:
+        parser.error(f"--targets: choose from {TARGETS}")
+    args.overrides = {}
+    for item in filter(None, args.set.split(",")):
+        key, _, value = item.partition("=")
+        if key not in Sizes.__dataclass_fields__:
+            parser.error(f"--set: unknown key {key!r}")
+        args.overrides[key] = float(value) if "." in value else int(value)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     return args
@@ -112,7 +134,20 @@ def machine_info(workdir: Path) -> dict[str, object]:
         "bindfs": version(["bindfs", "--version"]),
         "postgres": version(["/usr/lib/postgresql/15/bin/postgres", "--version"]),
         "lockfs_commit": commit,
+        # lockfs holds one descriptor per known inode: this caps what it can look up.
+        "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
+
+
+def _source_commit(pythonpath: str | None) -> str | None:
+    """The commit a private lockfs tree was exported from (a COMMIT file beside it), if any."""
+    if not pythonpath:
+        return None
+    for candidate in (Path(pythonpath) / "COMMIT", Path(pythonpath).parent / "COMMIT"):
+        if candidate.exists():
+            return candidate.read_text().strip()
+    out = run(["git", "-C", pythonpath, "rev-parse", "--short", "HEAD"], check=False).strip()
+    return out or None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -180,7 +215,7 @@ def table(results: dict[str, dict]) -> str:
 def run_workload(workload: Workload, targets: dict[str, Target], rounds: int,
                  results: dict[str, dict]) -> None:
     """Set up on every target, then rounds with the target order rotating, then tear down."""
-    names = [t for t in TARGETS if t in workload.target_names]
+    names = [t for t in TARGETS if t in workload.target_names and t in targets]
     for metric in workload.metrics:
         results[metric.key] = {"label": metric.label, "unit": metric.unit,
                                "higher_is_better": metric.higher_is_better,
@@ -221,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench/run.py needs '{tool}'", file=sys.stderr)
             return 2
-    sizes = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, **args.overrides)
     workdir = args.workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -230,21 +265,21 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     if args.lockfs_pythonpath:
         env = dict(os.environ, PYTHONPATH=os.path.abspath(args.lockfs_pythonpath))
-    targets = {
+    every = {
         "native": Target("native", workdir / "native", workdir / "native"),
         "lockfs": Target("lockfs", workdir / "lockfs", workdir / "lockfs-src", lockfs_env=env),
         "bindfs": Target("bindfs", workdir / "bindfs", workdir / "bindfs-src"),
     }
+    targets = {name: every[name] for name in args.target_names}
     command = "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report: dict[str, object] = {
         "command": command.strip(),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full", "rounds": args.rounds,
         "sizes": sizes.__dict__, "machine": machine_info(workdir),
-        "targets": {"native": "the backing directory itself",
-                    "lockfs": "lockfs mount SRC DST (default options)",
-                    "bindfs": "bindfs -f -o default_permissions,nosuid,nodev SRC DST"},
+        "targets": {name: TARGET_DESCRIPTIONS[name] for name in targets},
         "lockfs_pythonpath": args.lockfs_pythonpath,
+        "lockfs_source_commit": _source_commit(args.lockfs_pythonpath),
     }
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
