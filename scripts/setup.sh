@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv util-linux
-          postgresql docker.io bindfs fio dbench systemd)
+          postgresql docker.io bindfs fio dbench systemd glusterfs-server)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
