@@ -163,6 +163,11 @@ class Operations(pyfuse3.Operations):
         # not append on its own.
         self.enable_writeback_cache = writeback
         self.dirs: dict[int, DirHandle] = {}
+        # Inodes that were opened with O_DIRECT: the kernel does not drop their
+        # cached pages when an asynchronous direct write (io_submit, io_uring)
+        # completes, so pages that buffered readers cached meanwhile go stale
+        # (xfstests generic/451). Their opens never keep the page cache.
+        self.direct_written: set[int] = set()
 
     def revoke_handles(self, handles: frozenset[int]) -> None:
         """Make every request on ``handles`` fail from now on (fencing a lost lease).
@@ -472,8 +477,11 @@ class Operations(pyfuse3.Operations):
         entry = self.table.get(inode)
         fd, direct = self._open_backing(proc_path(entry.fd), flags)
         self.gate.handle_opened(token, fd)
+        if flags & os.O_DIRECT:
+            self.direct_written.add(entry.ino)
         info = self._file_info(fd)
         info.direct_io = direct
+        info.keep_cache = info.keep_cache and entry.ino not in self.direct_written
         return info
 
     @fuse_errors
@@ -512,8 +520,11 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         self.gate.handle_opened(token, fd)
+        if flags & os.O_DIRECT:
+            self.direct_written.add(entry.ino)
         info = self._file_info(fd)
         info.direct_io = direct
+        info.keep_cache = info.keep_cache and entry.ino not in self.direct_written
         return info, self._attributes(entry, st)
 
     # read and write skip the fuse_errors wrapper (one coroutine less on the
