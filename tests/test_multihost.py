@@ -426,12 +426,12 @@ def test_partition_stops_the_holder_that_lost_quorum(pair: Pair, agents) -> None
     daemon's lock check fails and its client's I/O fails. Host 1 kept the first
     brick, whose server dropped host 2's connection and locks: it takes the lease.
 
-    Known lockfs bug (seen here every time): fencing ends the daemon instead of
-    leaving it running. ``LockFile.unlock`` in ``Guard.fence`` raises EBADFD (the
-    GlusterFS client marked the lockfile's descriptor bad when its lock was lost),
-    the exception leaves the lock-check task, and the daemon exits and unmounts,
-    before it logs "fenced". The holder's I/O fails either way, which is what is
-    checked here; once fixed, "fenced" appears and the daemon stays up.
+    Host 2's daemon fences its client (the lock check runs in a worker thread,
+    so a lock query that blocks for seconds does not stall the daemon). Not
+    asserted, because not understood yet: in some runs host 2's FUSE session
+    ends (the kernel answers the daemon's read with ENODEV) about 3 s after
+    the fence, while inline calls into the partitioned volume block; the
+    daemon then unmounts cleanly.
     """
     one, two = pair.mounts
     host_one, host_two = pair.hosts
@@ -444,8 +444,9 @@ def test_partition_stops_the_holder_that_lost_quorum(pair: Pair, agents) -> None
 
     host_two.link(up=False)
     try:
-        wait_for(lambda: "fenced" in two.log_text() or "lockfs daemon failed" in two.log_text(),
-                 timeout=30, what="host 2's daemon notices the lost lock")
+        wait_for(lambda: "fenced" in two.log_text(),
+                 timeout=30, what="host 2's daemon fences its client")
+        assert "lockfs daemon failed" not in two.log_text()
         write_error = b.errno_of("write", fd, "after")
         sync_error = b.errno_of("fsync", fd)
         assert (write_error or sync_error) in (errno.EBADF, errno.EIO, errno.ENOTCONN)

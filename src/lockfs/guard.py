@@ -200,8 +200,15 @@ class Guard:
         log.info("lease taken by %s for %s", caller, what)
 
     def _drop(self, why: str) -> None:
-        self.lockfile.unlock()
         log.info("lease released: %s", why)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        try:
+            self.lockfile.unlock()
+        except OSError as exc:
+            log.warning("unlocking %s failed (%s): the lock was already gone",
+                        self.info.lockfile, exc.strerror)
 
     async def _watch_lock(self) -> None:
         """Fence the holder when its OFD lock is lost (see LockFile.still_locked).
@@ -211,16 +218,25 @@ class Guard:
         """
         while True:
             await trio.sleep(LOCK_CHECK_INTERVAL)
-            if self.lease.holder is not None and not self.lockfile.still_locked():
+            held = self.lease.statistics()
+            if held.holder is None:
+                continue
+            opens = self.lockfile.opens
+            # In a thread: on a network filesystem the query can block for
+            # seconds, and the daemon must keep answering meanwhile.
+            still = await trio.to_thread.run_sync(self.lockfile.still_locked)
+            now = self.lease.statistics()
+            unchanged = (now.holder, now.since) == (held.holder, held.since)
+            if not still and unchanged and self.lockfile.opens == opens:
                 self.fence(f"the OFD lock on {self.info.lockfile} was lost")
 
     def fence(self, why: str) -> None:
         """Drop the lease and revoke every handle its holder has open."""
         holder, handles = self.lease.abandon()
         self.revoke(handles)
-        self.lockfile.unlock()
         log.error("lease of %s fenced: %s; %d open handles revoked (further I/O on them "
                   "fails with EBADF)", holder, why, len(handles))
+        self._unlock()
 
     def _release_if_unused(self) -> None:
         if self.lease.release_if_unused():

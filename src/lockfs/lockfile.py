@@ -34,6 +34,7 @@ class LockFile:
         self.path = path
         self._fd = -1
         self.locked = False
+        self.opens = 0  # how often the path was (re)opened: a check spans one open
 
     def open(self) -> None:
         """Open (creating if needed) and prove that OFD locks work on it.
@@ -73,7 +74,15 @@ class LockFile:
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
-            raise
+            # A network filesystem may leave the description unusable after it
+            # dropped the lock (GlusterFS: EBADFD); a fresh one can lock again.
+            self._reopen()
+            try:
+                self._fcntl(F_OFD_SETLK, fcntl.F_WRLCK)
+            except OSError as again:
+                if again.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
         self.locked = True
         return True
 
@@ -90,8 +99,10 @@ class LockFile:
         os.close(self._fd)
         self._fd = fd
         self.locked = False
+        self.opens += 1
 
     def unlock(self) -> None:
+        """Drop the lock. Raises OSError when the filesystem cannot (the lock is gone)."""
         if self.locked:
             self.locked = False
             self._fcntl(F_OFD_SETLK, fcntl.F_UNLCK)
