@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from pgutil import READY, pg_bin, postgres_ids
+from pgutil import READY, pg_bin, postgres_ids, psql
 
 DOCKER = "/usr/bin/docker"  # Debian's CLI (a newer one in /usr/local/bin does not fit 20.10)
 DOCKERD_CANDIDATES = ("/usr/bin/dockerd", "/usr/sbin/dockerd")
@@ -170,12 +170,7 @@ class PgContainer:
         return int(result.stdout.decode().strip())
 
     def psql(self, query: str) -> str:
-        result = subprocess.run(
-            [pg_bin("psql"), "-X", "-h", str(self.sockdir), "-U", "postgres", "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-Atc", query],
-            capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, f"psql {query!r} via {self.name} failed: {result.stderr}"
-        return result.stdout.strip()
+        return psql(self.sockdir, query)
 
     def stop_and_remove(self) -> None:
         """docker stop (SIGTERM: smart shutdown), then docker rm."""

@@ -143,12 +143,7 @@ class Postmaster:
 
     def psql(self, query: str) -> str:
         """Run ``query`` over the socket; its unaligned, tuples-only output."""
-        result = subprocess.run(
-            [pg_bin("psql"), "-X", "-h", str(self.sockdir), "-U", "postgres", "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-Atc", query],
-            capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, f"psql {query!r} failed: {result.stderr}"
-        return result.stdout.strip()
+        return psql(self.sockdir, query)
 
     def pgbench(self, *args: str) -> subprocess.CompletedProcess:
         result = subprocess.run(
@@ -200,3 +195,12 @@ class PgEnv:
         if not any(mount.is_mounted() for mount in self.mounts):
             shutil.rmtree(self.base, ignore_errors=True)
 
+
+def psql(sockdir: Path, query: str) -> str:
+    """Run ``query`` against the server listening in ``sockdir``; tuples-only output."""
+    result = subprocess.run(
+        [pg_bin("psql"), "-X", "-h", str(sockdir), "-U", "postgres", "-d", "postgres",
+         "-v", "ON_ERROR_STOP=1", "-Atc", query],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, f"psql {query!r} via {sockdir} failed: {result.stderr}"
+    return result.stdout.strip()
