@@ -11,7 +11,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv util-linux
-          postgresql docker.io bindfs fio dbench systemd glusterfs-server)
+          postgresql docker.io bindfs fio dbench systemd glusterfs-server
+          iproute2 strace e2fsprogs git)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -24,6 +25,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # Debian's postgresql package starts a cluster; lockfs's tests run their own servers.
 systemctl disable --now postgresql >/dev/null 2>&1 || true
+pg_ctlcluster --mode fast 15 main stop >/dev/null 2>&1 || true
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
