@@ -110,9 +110,12 @@ print(json.dumps(result))
 """
 
 
-def test_append_only_file_takes_appends(mounted: Mount, tmp_path: Path) -> None:
-    """A chattr +a file accepts O_APPEND writes (and only those), as on ext4."""
+def test_append_only_file_takes_appends(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """A chattr +a file accepts O_APPEND writes (and only those), as on ext4, also with
+    the writeback cache, which wants read-write, non-append backing descriptors."""
     chattr = require("chattr")
+    mounted = mount_factory(None, "-o", "writeback_cache")
     native = tmp_path / "native"
     native.mkdir()
     logs = [native / "log", mounted.src / "log"]
