@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything lockfs, its tests and its benchmark need on Debian 12/13, as root:
 # system packages, a virtual environment in .venv with lockfs and its test tools, and
-# /usr/local/bin/lockfs (mount(8) runs fstab helpers with a fixed PATH; see docs/fstab.md).
+# /usr/local/bin/lockfs (mount(8) runs fstab helpers with a fixed PATH; see docs/deploy.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
