@@ -8,9 +8,12 @@ the holder's processes (watch.py). Refusals become EBUSY, one log line each
 
 Fail closed: a caller that cannot be identified is refused.
 
-Concurrency: everything runs on the trio thread without awaiting, so a
+Concurrency: every decision runs on the trio thread without awaiting, so a
 decision and the system call it allows are never interleaved with another
-request's decision.
+request's decision. The one exception is the periodic lock check, whose
+system calls (which a network filesystem may block for seconds) run in a
+worker thread; its answer is used only if the lease and the lockfile did not
+change meanwhile.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ class MountInfo:
     source: str
     mountpoint: str
     lockfile: str
-    hidden_name: str | None  # the lockfile's name in SRC's root, when it lives there
 
 
 class Guard:

@@ -266,8 +266,7 @@ def serve(options: MountOptions, report) -> int:
     hidden = _hidden_entries(options.lockfile, options.source)
     guard = Guard(
         Lease(options.hold), Identities(), lockfile,
-        MountInfo(options.source, options.mountpoint, options.lockfile,
-                  os.path.basename(options.lockfile) if hidden else None),
+        MountInfo(options.source, options.mountpoint, options.lockfile),
         hidden,
     )
     operations = Operations(table, guard, entry_timeout=ENTRY_TIMEOUT,
