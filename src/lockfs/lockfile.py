@@ -23,6 +23,12 @@ F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = "hhqqi4x"  # struct flock on x86_64/aarch64: type, whence, start, len, pid
 
 
+def ofd_whole_file(fd: int, command: int, lock_type: int) -> int:
+    """An OFD lock request over the whole file; returns the lock type the kernel answered."""
+    request = struct.pack(_FLOCK, lock_type, os.SEEK_SET, 0, 0, 0)
+    return struct.unpack(_FLOCK, fcntl.fcntl(fd, command, request))[0]
+
+
 class LockfileError(Exception):
     """The lockfile cannot be used; the message names it and says why."""
 
@@ -111,8 +117,7 @@ class LockFile:
         """Whether another open file description (another daemon) holds the lock now."""
         if self.locked or self._fd < 0:
             return False
-        result = self._fcntl(F_OFD_GETLK, fcntl.F_WRLCK)
-        return struct.unpack(_FLOCK, result)[0] != fcntl.F_UNLCK
+        return ofd_whole_file(self._fd, F_OFD_GETLK, fcntl.F_WRLCK) != fcntl.F_UNLCK
 
     def still_locked(self) -> bool:
         """Whether our lock still stands, as another open file description sees it.
@@ -131,13 +136,12 @@ class LockFile:
         except OSError:
             return False
         try:
-            request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            answer = fcntl.fcntl(probe, F_OFD_GETLK, request)
+            answer = ofd_whole_file(probe, F_OFD_GETLK, fcntl.F_WRLCK)
         except OSError:
             return False
         finally:
             os.close(probe)  # closing another description never drops an OFD lock
-        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+        return answer != fcntl.F_UNLCK
 
     def write_record(self, record: dict[str, object]) -> None:
         """Replace the file's content with ``record`` (only while locked)."""
@@ -160,6 +164,5 @@ class LockFile:
             self._fd = -1
             self.locked = False
 
-    def _fcntl(self, command: int, lock_type: int) -> bytes:
-        request = struct.pack(_FLOCK, lock_type, os.SEEK_SET, 0, 0, 0)
-        return fcntl.fcntl(self._fd, command, request)
+    def _fcntl(self, command: int, lock_type: int) -> int:
+        return ofd_whole_file(self._fd, command, lock_type)

@@ -25,7 +25,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Iterator
 
@@ -48,7 +47,7 @@ from lockfs.guard import Guard, MountInfo
 from lockfs.identity import Identities
 from lockfs.inodes import InodeTable
 from lockfs.lease import Lease
-from lockfs.lockfile import F_OFD_SETLK, LockFile, LockfileError
+from lockfs.lockfile import F_OFD_SETLK, LockFile, LockfileError, ofd_whole_file
 from lockfs.logsetup import setup_logging
 from lockfs.ops import Operations
 from lockfs.options import DEFAULT_LOCKFILE_NAME, MountOptions
@@ -60,10 +59,10 @@ READY_TIMEOUT = 60.0
 # writes, and every change made through the mount updates the kernel's caches
 # for that inode itself, so entries and attributes may be cached. The timeouts
 # stay short so that a change made directly in SRC (not supported, but it
-# happens) or by another mount after a handover is seen within a second.
-# Except the size and mtime of a regular file the kernel knows: with the
-# writeback cache the kernel trusts its own values, so a size changed directly
-# in SRC shows only once the kernel forgot the inode (measured on 6.18).
+# happens) is seen within a second; with the writeback cache, not even then
+# for the size and mtime of a regular file the kernel knows (it trusts its own
+# values; measured on 6.18). What another lockfs mount of SRC changed is
+# handled exactly: the guard retires every cached inode (how-it-works.md).
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 KEEP_CACHE = True  # page cache kept across opens; dropped after another mount held SRC
@@ -114,8 +113,7 @@ def _probe_unnamed(directory: str) -> bool:
         raise LockfileUnusableError(f"lockfile directory {directory}: cannot create a file "
                                     f"there: {exc.strerror}") from None
     try:
-        whole_file = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        fcntl.fcntl(fd, F_OFD_SETLK, whole_file)
+        ofd_whole_file(fd, F_OFD_SETLK, fcntl.F_WRLCK)
     except OSError as exc:
         raise LockfileUnusableError(
             f"lockfile directory {directory}: the filesystem cannot take OFD locks "
