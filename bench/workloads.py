@@ -150,8 +150,10 @@ class SeqRead(Workload):
              f"--size={self.sizes.seq_mib}M", "--end_fsync=1"])
 
     def _read(self, target: Target) -> float:
+        # --invalidate=0: fio would otherwise drop the file's cached pages first
+        # (its default), which makes a "warm" read cold on native only.
         job = fio(["--name=seqread", f"--filename={self._file(target)}", "--rw=read",
-                   "--bs=1M", f"--size={self.sizes.seq_mib}M"])
+                   "--bs=1M", f"--size={self.sizes.seq_mib}M", "--invalidate=0"])
         return job["read"]["bw_bytes"] / 2**20
 
     def run(self, target: Target) -> dict[str, float]:
@@ -184,7 +186,7 @@ class _RandomIO(Workload):
                    f"--rw={self.mode}", f"--bs={self.block}", f"--size={self.sizes.rand_mib}M",
                    "--time_based", f"--runtime={self.sizes.rand_seconds}",
                    f"--numjobs={jobs}", "--group_reporting", "--norandommap",
-                   "--randrepeat=0"], timeout=self.sizes.rand_seconds + 300)
+                   "--randrepeat=0", "--invalidate=0"], timeout=self.sizes.rand_seconds + 300)
         side = "read" if self.mode == "randread" else "write"
         return float(job[side]["iops"])
 
