@@ -160,3 +160,11 @@ def test_mount8_dev_suid_do_not_lift_nosuid_nodev() -> None:
     assert {"nosuid", "nodev"} <= fuse
     explicit = build_options("/s", "/d", ["suid,dev"]).libfuse_options()
     assert "nosuid" not in explicit and "nodev" not in explicit
+
+
+def test_atime_flavours_from_fstab_are_accepted_and_remount_is_refused() -> None:
+    fuse = build_options("/s", "/d", ["defaults,relatime,nodiratime,strictatime"],
+                         mount8=True).libfuse_options()
+    assert not {"relatime", "nodiratime", "strictatime"} & fuse
+    with pytest.raises(UsageError, match="remount is not supported"):
+        build_options("/s", "/d", ["remount,rw"], mount8=True)

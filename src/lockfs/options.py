@@ -19,7 +19,7 @@ DEFAULT_LOCKFILE_NAME = ".lockfs-lease"
 # Handed to libfuse as they are (mount flags and FUSE session options).
 FUSE_FLAGS = frozenset({
     "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync",
-    "dirsync", "atime", "noatime", "nodiratime", "relatime", "strictatime",
+    "dirsync", "atime", "noatime",
     "allow_other", "allow_root", "default_permissions",
 })
 FUSE_VALUED = frozenset({"fsname", "subtype"})
@@ -32,6 +32,8 @@ NOT_SUPPORTED = {
 MOUNT8_ONLY = frozenset({
     "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
     "_netdev", "loop", "lazytime", "nolazytime", "iversion", "noiversion",
+    # libfuse refuses these; access times follow the backing store anyway.
+    "relatime", "norelatime", "strictatime", "nostrictatime", "nodiratime", "diratime",
 })
 OWN_FLAGS = frozenset({"debug", "foreground", "writeback_cache"})
 OWN_VALUED = frozenset({"hold", "lockfile", "log_file", "log-file"})
@@ -114,6 +116,8 @@ def build_options(source: str, mountpoint: str, option_lists: list[str], *,
             fuse.add(f"{name}={value}")
         elif name in MOUNT8_ONLY or name.startswith(("x-", "comment=")) or name == "comment":
             continue
+        elif name == "remount":
+            raise UsageError("remount is not supported: unmount and mount again")
         else:
             raise UsageError(f"unknown mount option '{name}{'=' + value if value else ''}'")
     hold_name = hold or own.get("hold") or HoldMode.PROCESS.value
