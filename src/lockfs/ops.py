@@ -361,35 +361,33 @@ class Operations(pyfuse3.Operations):
 
     # ----------------------------------------------------------- creating and removing
 
+    def _make(self, ctx: RequestContext, what: str, parent_inode: int, name: bytes,
+              make: Callable[[int], None]) -> EntryAttributes:
+        """Create ``name`` with ``make(parent_fd)``, give it to the caller, look it up."""
+        self.gate.admit(ctx, what)
+        parent = self.table.get(parent_inode)
+        self._refuse_hidden(parent, name)
+        make(parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
-        self.gate.admit(ctx, "mknod")
-        parent = self.table.get(parent_inode)
-        self._refuse_hidden(parent, name)
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        self._give_to_caller(parent, name, ctx)
-        return self._entry(parent, name)
+        return self._make(ctx, "mknod", parent_inode, name,
+                          lambda parent_fd: os.mknod(name, mode, rdev, dir_fd=parent_fd))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: RequestContext) -> EntryAttributes:
-        self.gate.admit(ctx, "mkdir")
-        parent = self.table.get(parent_inode)
-        self._refuse_hidden(parent, name)
-        os.mkdir(name, mode, dir_fd=parent.fd)
-        self._give_to_caller(parent, name, ctx)
-        return self._entry(parent, name)
+        return self._make(ctx, "mkdir", parent_inode, name,
+                          lambda parent_fd: os.mkdir(name, mode, dir_fd=parent_fd))
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: RequestContext) -> EntryAttributes:
-        self.gate.admit(ctx, "symlink")
-        parent = self.table.get(parent_inode)
-        self._refuse_hidden(parent, name)
-        os.symlink(target, name, dir_fd=parent.fd)
-        self._give_to_caller(parent, name, ctx)
-        return self._entry(parent, name)
+        return self._make(ctx, "symlink", parent_inode, name,
+                          lambda parent_fd: os.symlink(target, name, dir_fd=parent_fd))
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
