@@ -60,7 +60,10 @@ def render_text(record: dict[str, object]) -> str:
     if isinstance(last, dict):
         lines.append(f"last refused: {last['what']} by {last['who']} at {_when(last['at'])}: "
                      f"{last['reason']}")
-    lines.append(f"daemon pid:   {record.get('daemon_pid')}")
+    namespace = record.get("daemon_pid_namespace")
+    elsewhere = namespace is not None and namespace != os.stat("/proc/self/ns/pid").st_ino
+    lines.append(f"daemon pid:   {record.get('daemon_pid')}"
+                 + (" (in another PID namespace)" if elsewhere else ""))
     return "\n".join(lines)
 
 
