@@ -362,3 +362,33 @@ def test_handover_between_mounts_shows_the_other_mounts_writes(mount_factory, ag
              what="mount one gets the lease back")
     assert c.call("read", c.call("open", str(one.dst / "sub" / "wal"), "r")) == "first+second"
     assert c.call("stat", str(one.dst / "sub" / "wal")) == len("first+second")
+
+
+def test_more_inodes_than_descriptors(tmp_path: Path, agents) -> None:
+    """A daemon that may open only 600 descriptors serves a tree of 3,000 files:
+    cold inodes give their descriptor back and are reopened from their file handle."""
+    src, dst, log = tmp_path / "src", tmp_path / "dst", tmp_path / "daemon.log"
+    src.mkdir()
+    dst.mkdir()
+    for index in range(3000):
+        (src / f"f{index}").write_text(f"content {index}")
+    # Without CAP_SYS_RESOURCE the daemon cannot raise its limit above 600.
+    daemon = subprocess.Popen(["prlimit", "--nofile=600:600", "setpriv",
+                               "--bounding-set=-sys_resource", *LOCKFS, "mount", "-f",
+                               str(src), str(dst), "--log-file", str(log)])
+    try:
+        wait_for(lambda: "mount ready" in (log.read_text() if log.exists() else ""),
+                 what="daemon ready")
+        sizes = {os.stat(dst / f"f{index}").st_size for index in range(3000)}
+        assert sizes == {len(f"content {index}") for index in range(3000)}
+        assert len(os.listdir(f"/proc/{daemon.pid}/fd")) < 600
+        reader = agents()
+        for index in (0, 1, 2, 1500, 2999):  # the first ones were closed long ago
+            fd = reader.call("open", str(dst / f"f{index}"), "r")
+            assert reader.call("read", fd) == f"content {index}"
+        assert sorted(os.listdir(dst)) == sorted(f"f{index}" for index in range(3000))
+        assert "Too many open files" not in log.read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(dst)], check=False)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=10)

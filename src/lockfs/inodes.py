@@ -27,6 +27,14 @@ which makes the VFS walk the path again with revalidation, and lookups then
 hand out fresh numbers (from a range above 2**62), i.e. new kernel inodes with
 empty caches. Retired entries live on until the kernel forgets them.
 
+Descriptor budget: one descriptor per known inode would cap the mount at the
+process's RLIMIT_NOFILE (20,000 on some machines, and not always raisable).
+So each object on SRC's filesystem also keeps its file handle
+(name_to_handle_at), and only the ``fd_budget`` most recently used entries
+keep their descriptor open; a colder one is closed and reopened from its
+handle (open_by_handle_at, which resolves no path) when next used. Objects
+whose filesystem cannot export handles keep their descriptor.
+
 Lookup counts follow the kernel's: every reply that hands out an entry adds
 one, ``forget`` subtracts, and the descriptor is closed at zero. A forget for
 more than the table holds is logged and clamped, never raised: an exception
@@ -40,9 +48,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
+
+from lockfs import syscalls
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +73,23 @@ class Inode:
 
     ino: int
     key: BackingKey
-    fd: int
+    fd: int  # O_PATH descriptor, -1 while closed to save descriptors (see ``handle``)
     nlookup: int = 0
     is_dir: bool = False
     generation: int = 0  # the table's generation when this entry was made
+    handle: bytes | None = None  # file handle to reopen ``fd`` from; None: fd stays open
 
 
 class InodeTable:
     """Owns every O_PATH descriptor of the mount; closes them when forgotten."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, fd_budget: int = 1 << 20) -> None:
         st = os.fstat(root_fd)
+        # open_by_handle_at wants a real (not O_PATH) descriptor on the filesystem.
+        self._mount_fd = os.open(f"/proc/self/fd/{root_fd}",
+                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._fd_budget = max(64, fd_budget)
+        self._open_lru: OrderedDict[int, Inode] = OrderedDict()  # entries that can close
         self.root_key: BackingKey = (st.st_dev, st.st_ino)
         self.root_dev = st.st_dev
         self._by_ino: dict[int, Inode] = {}
@@ -140,7 +157,32 @@ class InodeTable:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         if entry.generation != self.generation:
             raise pyfuse3.FUSEError(errno.ESTALE)  # retired: the kernel looks it up again
+        if entry.handle is not None:
+            self.touch(entry)
         return entry
+
+    def touch(self, entry: Inode) -> None:
+        """Make sure ``entry.fd`` is open, and count it as just used."""
+        if entry.fd < 0:
+            try:
+                entry.fd = syscalls.open_handle(self._mount_fd, entry.handle or b"",
+                                                os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(errno.ESTALE if exc.errno != errno.EMFILE
+                                        else errno.EMFILE) from None
+            self._open_lru[entry.ino] = entry
+            self._close_coldest(keep=entry)
+        else:
+            self._open_lru.move_to_end(entry.ino)
+
+    def _close_coldest(self, keep: Inode) -> None:
+        while len(self._open_lru) > self._fd_budget:
+            ino, cold = next(iter(self._open_lru.items()))
+            if cold is keep:
+                return
+            del self._open_lru[ino]
+            os.close(cold.fd)
+            cold.fd = -1
 
     def retire(self) -> int:
         """Retire every entry but the root (see the module docstring); returns how many."""
@@ -165,14 +207,32 @@ class InodeTable:
         key = (st.st_dev, st.st_ino)
         known = self._by_key.get(key)
         if known is not None:
-            os.close(fd)
             known.nlookup += 1
+            if known.fd < 0:  # closed to save descriptors: adopt this one
+                known.fd = fd
+                self._open_lru[known.ino] = known
+                self._close_coldest(keep=known)
+            else:
+                os.close(fd)
+                if known.handle is not None:
+                    self._open_lru.move_to_end(known.ino)
             return known
         entry = Inode(self.ino_for(key), key, fd, nlookup=1, is_dir=_is_dir(st.st_mode),
-                      generation=self.generation)
+                      generation=self.generation, handle=self._handle(fd, st))
         self._by_ino[entry.ino] = entry
         self._by_key[key] = entry
+        if entry.handle is not None:
+            self._open_lru[entry.ino] = entry
+            self._close_coldest(keep=entry)
         return entry
+
+    def _handle(self, fd: int, st: os.stat_result) -> bytes | None:
+        if st.st_dev != self.root_dev:
+            return None  # another filesystem: its own mount descriptor would be needed
+        try:
+            return syscalls.handle_of(fd)
+        except OSError:
+            return None  # cannot export handles: the descriptor stays open
 
     def add_reference(self, entry: Inode) -> None:
         entry.nlookup += 1
@@ -193,13 +253,22 @@ class InodeTable:
                 del self._by_key[entry.key]
                 self._foreign.pop(entry.key, None)
                 self._fresh.pop(entry.key, None)
-            os.close(entry.fd)
+            self._open_lru.pop(ino, None)
+            if entry.fd >= 0:
+                os.close(entry.fd)
+
+    def open_descriptors(self) -> int:
+        """How many O_PATH descriptors the table holds open now."""
+        return sum(1 for entry in self._by_ino.values() if entry.fd >= 0)
 
     def close_all(self) -> None:
         for entry in self._by_ino.values():
-            os.close(entry.fd)
+            if entry.fd >= 0:
+                os.close(entry.fd)
         self._by_ino.clear()
         self._by_key.clear()
+        self._open_lru.clear()
+        os.close(self._mount_fd)
 
 
 def _is_dir(mode: int) -> bool:

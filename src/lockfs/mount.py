@@ -259,11 +259,14 @@ def serve(options: MountOptions, report) -> int:
     if options.lockfile is None:
         raise LockfileUnusableError("no lockfile path was resolved")
     root_fd = os.open(options.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    table = InodeTable(root_fd)
+    # Half the descriptors for the inode table, the rest for open files, pidfds
+    # and the identity cache (inodes.py: colder entries are reopened by handle).
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    table = InodeTable(root_fd, fd_budget=descriptors // 2)
     lockfile = LockFile(options.lockfile)
     hidden = _hidden_entries(options.lockfile, options.source)
     guard = Guard(
-        Lease(options.hold), Identities(), lockfile,
+        Lease(options.hold), Identities(cache_size=max(64, min(4096, descriptors // 8))), lockfile,
         MountInfo(options.source, options.mountpoint, options.lockfile),
         hidden,
     )

@@ -226,14 +226,21 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    def _child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
-        """Look ``name`` up in ``parent`` and count one kernel reference to it."""
+    def _child(self, parent: Inode, name: bytes,
+               parent_fd: int | None = None) -> tuple[Inode, os.stat_result]:
+        """Look ``name`` up in ``parent`` and count one kernel reference to it.
+
+        ``parent_fd``: a descriptor of ``parent`` to use instead of its entry's
+        (readdir passes its directory's own, which stays open however many
+        entries the listing makes the table close).
+        """
+        at = parent.fd if parent_fd is None else parent_fd
         if name == b"." or (name == b".." and parent.ino == ROOT_INODE):
             self.table.add_reference(parent)
-            return parent, os.fstat(parent.fd)
+            return parent, os.fstat(at)
         if self.gate.is_hidden(parent.key, name):
             raise FUSEError(errno.ENOENT)
-        fd = os.open(name, PATH_FLAGS, dir_fd=parent.fd)
+        fd = os.open(name, PATH_FLAGS, dir_fd=at)
         try:
             st = os.fstat(fd)
         except OSError:
@@ -587,8 +594,8 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(names)):
             name = os.fsencode(names[index])
             if index < 2:
-                st = os.fstat(directory.fd) if index == 0 or directory.ino == ROOT_INODE \
-                    else os.stat(b"..", dir_fd=directory.fd, follow_symlinks=False)
+                st = os.fstat(handle.fd) if index == 0 or directory.ino == ROOT_INODE \
+                    else os.stat(b"..", dir_fd=handle.fd, follow_symlinks=False)
                 attrs = EntryAttributes()
                 attrs.st_ino = self.table.ino_for((st.st_dev, st.st_ino))
                 attrs.st_mode = st.st_mode
@@ -600,7 +607,7 @@ class Operations(pyfuse3.Operations):
             if self.gate.is_hidden(directory.key, name):
                 continue
             try:
-                entry, st = self._child(directory, name)
+                entry, st = self._child(directory, name, handle.fd)
             except FUSEError:
                 continue
             except OSError as exc:

@@ -69,3 +69,43 @@ def rename2(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes,
             flags: int) -> None:
     """renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
     _check(_libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags))
+
+
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+
+
+def handle_of(fd: int) -> bytes:
+    """The filesystem's file handle of the object behind ``fd`` (name_to_handle_at).
+
+    Raises OSError (EOPNOTSUPP) on filesystems that cannot export handles.
+    """
+    handle = _FileHandle()
+    handle.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(handle), ctypes.byref(mount_id),
+                                   AT_EMPTY_PATH))
+    return (handle.handle_type.to_bytes(4, "little", signed=True)
+            + bytes(handle.f_handle[:handle.handle_bytes]))
+
+
+def open_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the object a ``handle_of`` handle names, on the filesystem of ``mount_fd``."""
+    raw = _FileHandle()
+    raw.handle_type = int.from_bytes(handle[:4], "little", signed=True)
+    raw.handle_bytes = len(handle) - 4
+    ctypes.memmove(raw.f_handle, handle[4:], raw.handle_bytes)
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(raw), flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
