@@ -90,6 +90,7 @@ class InodeTable:
                                  os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fd_budget = max(64, fd_budget)
         self._open_lru: OrderedDict[int, Inode] = OrderedDict()  # entries that can close
+        self._peak = 0  # the most entries held since the dicts were last compacted
         self.root_key: BackingKey = (st.st_dev, st.st_ino)
         self.root_dev = st.st_dev
         self._by_ino: dict[int, Inode] = {}
@@ -221,6 +222,7 @@ class InodeTable:
                       generation=self.generation, handle=self._handle(fd, st))
         self._by_ino[entry.ino] = entry
         self._by_key[key] = entry
+        self._peak = max(self._peak, len(self._by_ino))
         if entry.handle is not None:
             self._open_lru[entry.ino] = entry
             self._close_coldest(keep=entry)
@@ -256,6 +258,18 @@ class InodeTable:
             self._open_lru.pop(ino, None)
             if entry.fd >= 0:
                 os.close(entry.fd)
+            if self._peak > 4096 and len(self._by_ino) < self._peak // 4:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the dicts: Python's never shrink, and memory should come back
+        once the kernel forgot most inodes (200,000 entries cost ~30 MiB of dicts)."""
+        self._by_ino = dict(self._by_ino)
+        self._by_key = dict(self._by_key)
+        self._open_lru = OrderedDict(self._open_lru)
+        self._fresh = dict(self._fresh)
+        self._foreign = dict(self._foreign)
+        self._peak = len(self._by_ino)
 
     def open_descriptors(self) -> int:
         """How many O_PATH descriptors the table holds open now."""
