@@ -76,20 +76,22 @@ class LockFile:
         if not self._names_our_file():
             self._reopen()
         try:
+            self.locked = self._set_write_lock()
+        except OSError:
+            # A network filesystem may leave the description unusable after it
+            # dropped the lock (GlusterFS: EBADFD); a fresh one can lock again.
+            self._reopen()
+            self.locked = self._set_write_lock()
+        return self.locked
+
+    def _set_write_lock(self) -> bool:
+        """F_OFD_SETLK; False when another description holds a conflicting lock."""
+        try:
             self._fcntl(F_OFD_SETLK, fcntl.F_WRLCK)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
-            # A network filesystem may leave the description unusable after it
-            # dropped the lock (GlusterFS: EBADFD); a fresh one can lock again.
-            self._reopen()
-            try:
-                self._fcntl(F_OFD_SETLK, fcntl.F_WRLCK)
-            except OSError as again:
-                if again.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise
-        self.locked = True
+            raise
         return True
 
     def _names_our_file(self) -> bool:
