@@ -139,26 +139,6 @@ def machine_info(workdir: Path) -> dict[str, object]:
     }
 
 
-def _fd_warnings(targets: dict[str, Target], sizes: Sizes, names: list[str]) -> list[str]:
-    """lockfs keeps a descriptor per known inode: say so when a workload needs more."""
-    target = targets.get("lockfs")
-    if target is None or target.daemon_pid is None:
-        return []
-    limit = 0
-    with open(f"/proc/{target.daemon_pid}/limits") as limits:
-        for line in limits:
-            if line.startswith("Max open files"):
-                limit = int(line.split()[3])
-    needs = {"metadata": sizes.meta_files, "memory": sizes.mem_dirs * sizes.mem_per_dir}
-    warnings = [f"{name} needs {count} inodes but the lockfs daemon may open only {limit} "
-                f"descriptors (one per inode): expect EMFILE, then EBUSY until the kernel "
-                f"forgets; use --set to shrink it"
-                for name, count in needs.items() if name in names and count > limit - 500]
-    for warning in warnings:
-        log("WARNING: " + warning)
-    return warnings
-
-
 def _source_commit(pythonpath: str | None) -> str | None:
     """The commit a private lockfs tree was exported from (a COMMIT file beside it), if any."""
     if not pythonpath:
@@ -307,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for target in targets.values():
             target.mount()
-        report["warnings"] = _fd_warnings(targets, sizes, args.names)
         for name in args.names:
             workload = WORKLOADS[name](sizes, workdir)
             try:
