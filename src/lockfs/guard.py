@@ -31,7 +31,7 @@ import trio
 from pyfuse3 import FUSEError, RequestContext
 
 from lockfs.identity import Identities, UnknownCaller
-from lockfs.lease import Caller, Lease, LeaseBusy
+from lockfs.lease import Caller, HoldMode, Lease, LeaseBusy
 from lockfs.lockfile import LockFile
 from lockfs.watch import ProcessWatcher
 
@@ -105,13 +105,18 @@ class Guard:
         if needs_grant:
             self._take(caller, what)
         if self.lease.note_process(caller) and not self._watch(caller.tgid):
-            self.lease.process_exited(caller.tgid)
-        if self._trio_token is not None:
-            # In hold=open a request that opened nothing (mkdir, or an open that
-            # failed) leaves the lease free once it has run: check right after
-            # this handler returns.
-            self._trio_token.run_sync_soon(self._release_if_unused)
+            # Already gone: forget it once this request has run, not before.
+            self._after_request(self._process_exited, caller.tgid)
+        if self.lease.mode is HoldMode.OPEN:
+            # A request that opened nothing (mkdir, or an open that failed)
+            # leaves the lease free once it has run.
+            self._after_request(self._release_if_unused)
         return caller
+
+    def _after_request(self, callback: Callable[..., None], *args: object) -> None:
+        """Run ``callback`` right after the current handler has returned."""
+        if self._trio_token is not None:
+            self._trio_token.run_sync_soon(callback, *args)
 
     def handle_opened(self, token: object, handle: int) -> None:
         if isinstance(token, Caller):
