@@ -78,6 +78,7 @@ class Inode:
     is_dir: bool = False
     generation: int = 0  # the table's generation when this entry was made
     handle: bytes | None = None  # file handle to reopen ``fd`` from; None: fd stays open
+    direct_io_seen: bool = False  # ever opened with O_DIRECT (ops.py: no kept page cache)
 
 
 class InodeTable:

@@ -163,11 +163,6 @@ class Operations(pyfuse3.Operations):
         # not append on its own.
         self.enable_writeback_cache = writeback
         self.dirs: dict[int, DirHandle] = {}
-        # Inodes that were opened with O_DIRECT: the kernel does not drop their
-        # cached pages when an asynchronous direct write (io_submit, io_uring)
-        # completes, so pages that buffered readers cached meanwhile go stale
-        # (xfstests generic/451). Their opens never keep the page cache.
-        self.direct_written: set[int] = set()
 
     def revoke_handles(self, handles: frozenset[int]) -> None:
         """Make every request on ``handles`` fail from now on (fencing a lost lease).
@@ -442,14 +437,20 @@ class Operations(pyfuse3.Operations):
 
     # ----------------------------------------------------------- files
 
-    def _file_info(self, fd: int) -> FileInfo:
+    def _file_info(self, fd: int, entry: Inode, flags: int, direct: bool) -> FileInfo:
         """Keep the kernel's page cache across opens (see distrust_kernel_caches).
 
         Only the holder writes, and only through this mount, so cached pages
         stay right; after another mount held SRC, inodes are retired and new
-        kernel inodes start with empty caches.
+        kernel inodes start with empty caches. Except files ever opened with
+        O_DIRECT: the kernel does not drop their cached pages when an
+        asynchronous direct write (io_submit, io_uring) completes, so pages
+        that buffered readers cached meanwhile go stale (xfstests generic/451).
         """
-        return FileInfo(fh=fd, keep_cache=self.keep_cache)
+        if flags & os.O_DIRECT:
+            entry.direct_io_seen = True
+        return FileInfo(fh=fd, direct_io=direct,
+                        keep_cache=self.keep_cache and not entry.direct_io_seen)
 
     def _backing_flags(self, flags: int) -> int:
         flags &= ~OPEN_FLAGS_DROPPED
@@ -482,12 +483,7 @@ class Operations(pyfuse3.Operations):
         entry = self.table.get(inode)
         fd, direct = self._open_backing(proc_path(entry.fd), flags)
         self.gate.handle_opened(token, fd)
-        if flags & os.O_DIRECT:
-            self.direct_written.add(entry.ino)
-        info = self._file_info(fd)
-        info.direct_io = direct
-        info.keep_cache = info.keep_cache and entry.ino not in self.direct_written
-        return info
+        return self._file_info(fd, entry, flags, direct)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -525,12 +521,7 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         self.gate.handle_opened(token, fd)
-        if flags & os.O_DIRECT:
-            self.direct_written.add(entry.ino)
-        info = self._file_info(fd)
-        info.direct_io = direct
-        info.keep_cache = info.keep_cache and entry.ino not in self.direct_written
-        return info, self._attributes(entry, st)
+        return self._file_info(fd, entry, flags, direct), self._attributes(entry, st)
 
     # read and write skip the fuse_errors wrapper (one coroutine less on the
     # hot path) but map errors the same way.
