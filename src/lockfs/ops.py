@@ -402,19 +402,20 @@ class Operations(pyfuse3.Operations):
         self.table.add_reference(entry)
         return self._attributes(entry, os.fstat(entry.fd))
 
-    @fuse_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        self.gate.admit(ctx, "unlink")
+    def _remove(self, ctx: RequestContext, what: str, parent_inode: int, name: bytes,
+                remove: Callable[..., None]) -> None:
+        self.gate.admit(ctx, what)
         parent = self.table.get(parent_inode)
         self._refuse_hidden(parent, name)
-        os.unlink(name, dir_fd=parent.fd)
+        remove(name, dir_fd=parent.fd)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self._remove(ctx, "unlink", parent_inode, name, os.unlink)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        self.gate.admit(ctx, "rmdir")
-        parent = self.table.get(parent_inode)
-        self._refuse_hidden(parent, name)
-        os.rmdir(name, dir_fd=parent.fd)
+        self._remove(ctx, "rmdir", parent_inode, name, os.rmdir)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
