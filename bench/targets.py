@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lockfs.cli import process_alive
+
 BENCH_DIR = Path(__file__).resolve().parent
 WORKER = BENCH_DIR / "worker.py"
 BINDFS_OPTIONS = "default_permissions,nosuid,nodev"
@@ -75,14 +77,6 @@ def rss_mb(pid: int) -> float:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass
@@ -142,9 +136,9 @@ class Target:
         pid = self.daemon_pid
         if pid is not None:
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if _alive(pid):
+            if process_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self._bindfs is not None:

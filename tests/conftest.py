@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from lockfs.cli import process_alive
+
 LOCKFS = [sys.executable, "-m", "lockfs"]
 AGENT = Path(__file__).with_name("agent.py")
 
@@ -80,13 +82,13 @@ class Mount:
             subprocess.run(["umount", str(self.dst)], capture_output=True, check=False)
         if _mounted(self.dst):
             subprocess.run(["umount", "-l", str(self.dst)], capture_output=True, check=False)
-        if _pid_alive(self.daemon_pid):
+        if process_alive(self.daemon_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.daemon_pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while _pid_alive(self.daemon_pid) and time.monotonic() < deadline:
+            while process_alive(self.daemon_pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if _pid_alive(self.daemon_pid):
+            if process_alive(self.daemon_pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.daemon_pid, signal.SIGKILL)
 
@@ -95,14 +97,6 @@ def _mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as mountinfo:
         return any(line.split()[4] == target for line in mountinfo)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import LOCKFS, Mount, _mounted, _pid_alive, lockfs, wait_for
+from conftest import LOCKFS, Mount, _mounted, lockfs, wait_for
 from nsclient import CLIENT_PYTHON, NOBODY, client
 
 import lockfs as lockfs_package
+from lockfs.cli import process_alive
 
 
 def disk_state(root: Path) -> tuple[dict[str, tuple], list[str]]:
@@ -253,7 +254,7 @@ def test_unmount_command(mounted: Mount) -> None:
     result = lockfs("unmount", str(mounted.dst))
     assert result.returncode == 0, result.stderr
     assert not mounted.is_mounted()
-    assert not _pid_alive(mounted.daemon_pid)
+    assert not process_alive(mounted.daemon_pid)
     assert os.listdir(mounted.dst) == []
 
 
@@ -262,7 +263,7 @@ def test_signal_unmounts_cleanly(mounted: Mount, signum: int) -> None:
     """SIGTERM (systemd stop, docker stop) or SIGINT ends the daemon and removes the mount."""
     client(mounted, 'write("kept", "data")')
     os.kill(mounted.daemon_pid, signum)
-    wait_for(lambda: not mounted.is_mounted() and not _pid_alive(mounted.daemon_pid),
+    wait_for(lambda: not mounted.is_mounted() and not process_alive(mounted.daemon_pid),
              what="the daemon to unmount and exit")
     assert os.listdir(mounted.dst) == []
     assert (mounted.src / "kept").read_text() == "data"
@@ -272,7 +273,7 @@ def test_signal_unmounts_cleanly(mounted: Mount, signum: int) -> None:
 def test_stale_mount_is_cleaned_up_and_remounted(mounted: Mount) -> None:
     """After the daemon was killed, mounting again on the same DST just works."""
     os.kill(mounted.daemon_pid, signal.SIGKILL)
-    wait_for(lambda: not _pid_alive(mounted.daemon_pid), what="the daemon to die")
+    wait_for(lambda: not process_alive(mounted.daemon_pid), what="the daemon to die")
     with pytest.raises(OSError) as dead:
         os.statvfs(mounted.dst)  # stat may still be answered from cached attributes
     assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)

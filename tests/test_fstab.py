@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOCKFS, _mounted, _pid_alive, lockfs, require, run_in_ns, wait_for
+from conftest import LOCKFS, _mounted, lockfs, require, run_in_ns, wait_for
+
+from lockfs.cli import process_alive
 
 FIXED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNIT = Path(__file__).resolve().parent.parent / "mount-helpers" / "lockfs@.service"
@@ -66,7 +68,7 @@ def cleanup_mounts() -> Iterator[list[Path]]:
         for command in (["umount", str(dst)], ["umount", "-l", str(dst)]):
             if _mounted(dst):
                 subprocess.run(command, capture_output=True, check=False)
-        if daemon and _pid_alive(daemon):
+        if daemon and process_alive(daemon):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(daemon, signal.SIGKILL)
 
@@ -106,7 +108,7 @@ def test_fstab_line_mounts_with_options_and_unmounts(tmp_path: Path,
                                timeout=60, check=False)
     assert unmounted.returncode == 0, unmounted.stderr
     assert not _mounted(dst)
-    wait_for(lambda: not _pid_alive(daemon), 10, "the lockfs daemon to exit after umount")
+    wait_for(lambda: not process_alive(daemon), 10, "the lockfs daemon to exit after umount")
 
 
 def test_systemd_unit_verifies() -> None:

@@ -124,7 +124,7 @@ def unmount(mountpoint: str, timeout: float = 30.0) -> int:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise LockfsError(f"DST {mountpoint}: unmount refused: {message}")
     deadline = time.monotonic() + timeout
-    while daemon_pid and time.monotonic() < deadline and _alive(daemon_pid):
+    while daemon_pid and time.monotonic() < deadline and process_alive(daemon_pid):
         time.sleep(0.02)
     return 0
 
@@ -155,7 +155,8 @@ def _daemon_pid_here(record: dict[str, object]) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie (for waiting on a daemon we did not fork)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
