@@ -68,8 +68,26 @@ import subprocess
 # client's side lands on this empty tmpfs; only a daemon that resolved a path
 # itself could reach the real directory.
 subprocess.run(["mount", "-t", "tmpfs", "none", sys.argv[3]], check=True)
+# The kernel may follow a cached symlink entry for up to the entry timeout, so
+# keep going until the daemon has also served creates in the real directory.
+import itertools, time
+deadline = time.monotonic() + 60
+
+def served_in_real_directory():
+    # Never follow the name: for moments it is a symlink into the tmpfs.
+    try:
+        fd = os.open(REAL_D, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # moved away, or a symlink right now
+        return False
+    try:
+        return any(n.startswith("new-") for n in os.listdir(fd))
+    finally:
+        os.close(fd)
+
 created = 0
-for i in range(1500):
+for i in itertools.count():
+    if i >= 1500 and (time.monotonic() > deadline or served_in_real_directory()):
+        break
     for action in (lambda: write(f"d/new-{i}", "x"),
                    lambda: write("d/victim", "pwned", os.O_WRONLY | os.O_TRUNC),
                    lambda: os.mkdir(f"d/dir-{i}"),
@@ -101,7 +119,8 @@ def test_concurrent_symlink_swaps_never_lead_outside_src(public_dir: Path,
     swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(src), str(outside),
                                 str(stop)], stdout=subprocess.PIPE, text=True)
     try:
-        code = ATTACKER.replace("sys.argv[3]", repr(str(outside)))
+        code = (ATTACKER.replace("sys.argv[3]", repr(str(outside)))
+                .replace("REAL_D", repr(str(src / "d"))))
         created = client(mount, code)
     finally:
         stop.touch()
