@@ -9,6 +9,7 @@ serving.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -242,6 +243,53 @@ def test_change_made_in_src_shows_within_the_timeout(mounted: Mount) -> None:
              what="the new mode through DST")
     wait_for(lambda: "new" in os.listdir(mounted.dst), timeout=10, what="the new name")
     assert client(mounted, 'result = read("new")') == ""
+
+
+LISTING_CLIENT = """
+for name in os.listdir("."):
+    os.stat(name)  # every object is known to the kernel and the daemon
+listing = os.scandir(".")
+first = next(listing)  # the daemon took its snapshot and sent the first batch
+print("listing", flush=True)
+sys.stdin.readline()
+names = [first.name] + [entry.name for entry in listing]
+target = sys.argv[3]
+result = {"names": sorted(names), "content": read(target), "ino": os.stat(target).st_ino}
+"""
+
+
+def test_listing_replies_with_the_object_a_name_leads_to_now(mounted: Mount) -> None:
+    """A name replaced in SRC while a big listing is under way is answered with the
+    object it names when its entry is sent, not the one of the snapshot (readdir
+    replies with entries the kernel links at once, like lookups)."""
+    directory = mounted.src / "d"
+    directory.mkdir()
+    for index in range(3000):
+        (directory / f"f{index:04d}").write_text("old")
+    names = os.listdir(directory)  # the backing store's order: the snapshot's order
+    target = names[-1]  # sent in the listing's last batch
+    code = LISTING_CLIENT.replace("sys.argv[3]", repr(target))
+    lister = subprocess.Popen(
+        ["unshare", "-m", "/usr/bin/python3", "-c", PRELUDE + code + EPILOGUE,
+         str(mounted.dst / "d"), "0o22"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert lister.stdin is not None and lister.stdout is not None
+    try:
+        assert lister.stdout.readline() == "listing\n"
+        (directory / "replacement").write_text("new")
+        os.rename(directory / "replacement", directory / target)
+        lister.stdin.write("go\n")
+        lister.stdin.flush()
+        out, _ = lister.communicate(timeout=60)
+    finally:
+        if lister.poll() is None:
+            lister.kill()
+    assert lister.returncode == 0
+    result = json.loads(out.splitlines()[-1])
+    assert result["names"] == sorted(names)
+    assert result["content"] == "new"
+    assert result["ino"] == (directory / target).stat().st_ino
+    wait_free(mounted)
 
 
 # ------------------------------------------------------------------ forget

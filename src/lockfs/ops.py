@@ -136,7 +136,13 @@ class DirHandle:
     def __init__(self, fd: int, inode: Inode) -> None:
         self.fd = fd
         self.inode = inode
-        self.names: list[str] | None = None
+        self.names: list[tuple[str, int]] | None = None  # (name, d_ino)
+
+    def snapshot(self) -> list[tuple[str, int]]:
+        with os.scandir(self.fd) as entries:
+            listed = [(entry.name, entry.inode()) for entry in entries]
+        self.names = [(".", 0), ("..", 0), *listed]
+        return self.names
 
 
 class Operations(pyfuse3.Operations):
@@ -242,6 +248,27 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         return self.table.remember(fd, st), st
+
+    def _known_child(self, parent: Inode, name: bytes, parent_fd: int,
+                     d_ino: int) -> tuple[Inode, os.stat_result] | None:
+        """``_child`` for a listed name whose object the table already holds open.
+
+        One fstatat instead of openat, fstat and close (listings of known
+        entries are the common case: ``ls`` after creating files). Safe because
+        a descriptor the table holds keeps its object alive, so no other object
+        can have that (st_dev, st_ino) now: if the name still leads to that
+        key, it leads to that object. Anything else takes the full path:
+        unknown objects, entries closed to save descriptors (their inode number
+        may have been reused) and mount points (d_ino is the covered directory).
+        """
+        known = self.table.find((parent.key[0], d_ino))
+        if known is None or known.fd < 0:
+            return None
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != known.key:
+            return None
+        self.table.add_reference(known)
+        return known, st
 
     def _entry(self, parent: Inode, name: bytes) -> EntryAttributes:
         entry, st = self._child(parent, name)
@@ -578,13 +605,12 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
-        if start_id == 0 or handle.names is None:
-            handle.names = [".", "..", *os.listdir(handle.fd)]
-        names = handle.names
+        names = handle.snapshot() if start_id == 0 or handle.names is None else handle.names
         directory = handle.inode
         replied = False
         for index in range(start_id, len(names)):
-            name = os.fsencode(names[index])
+            text, d_ino = names[index]
+            name = os.fsencode(text)
             if index < 2:
                 st = os.fstat(handle.fd) if index == 0 or directory.ino == ROOT_INODE \
                     else os.stat(b"..", dir_fd=handle.fd, follow_symlinks=False)
@@ -599,7 +625,8 @@ class Operations(pyfuse3.Operations):
             if self.gate.is_hidden(directory.key, name):
                 continue
             try:
-                entry, st = self._child(directory, name, handle.fd)
+                found = self._known_child(directory, name, handle.fd, d_ino)
+                entry, st = found or self._child(directory, name, handle.fd)
             except FUSEError:
                 continue
             except OSError as exc:
