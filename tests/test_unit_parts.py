@@ -14,6 +14,7 @@ import trio
 
 from lockfs.errors import UsageError
 from lockfs.identity import Identities, UnknownCaller
+from lockfs.inodes import InodeTable
 from lockfs.lease import HoldMode
 from lockfs.lockfile import LockFile
 from lockfs.options import build_options, parse_option_list
@@ -168,3 +169,38 @@ def test_atime_flavours_from_fstab_are_accepted_and_remount_is_refused() -> None
     assert not {"relatime", "nodiratime", "strictatime"} & fuse
     with pytest.raises(UsageError, match="remount is not supported"):
         build_options("/s", "/d", ["remount,rw"], mount8=True)
+
+
+def test_inode_reopened_from_the_object_that_has_its_number_now(tmp_path: Path) -> None:
+    """An entry whose descriptor was closed to save descriptors, whose file was then
+    deleted behind the mount and its inode number reused by a new file, is reopened
+    as the new file (not answered ESTALE forever)."""
+    root = tmp_path / "src"
+    root.mkdir()
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    table = InodeTable(root_fd, fd_budget=64)
+
+    def look_up(name: str):
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        return table.remember(fd, os.fstat(fd))
+
+    def crowd_out(prefix: str) -> None:
+        for index in range(100):
+            (root / f"{prefix}{index}").touch()
+            look_up(f"{prefix}{index}")
+
+    (root / "old").write_text("old")
+    entry = look_up("old")
+    crowd_out("a")
+    assert entry.fd < 0  # closed to stay within the budget, reopenable by its handle
+    number = os.stat(root / "old").st_ino
+    (root / "old").unlink()
+    (root / "new").write_text("new")
+    if os.stat(root / "new").st_ino != number:
+        pytest.fail(f"{tmp_path} did not reuse inode {number}: this test needs ext4")
+    assert look_up("new") is entry  # same (st_dev, st_ino): the table's entry
+    crowd_out("b")
+    assert entry.fd < 0
+    reopened = table.get(entry.ino)  # reopens from the handle
+    with open(f"/proc/self/fd/{reopened.fd}") as content:
+        assert content.read() == "new"

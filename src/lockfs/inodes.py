@@ -212,6 +212,10 @@ class InodeTable:
             known.nlookup += 1
             if known.fd < 0:  # closed to save descriptors: adopt this one
                 known.fd = fd
+                # With no descriptor holding it, the old object may have been
+                # deleted in SRC and its number reused by this one: reopen from
+                # now on by this object's handle, not the old one's.
+                known.handle = self._handle(fd, st)
                 self._open_lru[known.ino] = known
                 self._close_coldest(keep=known)
             else:
