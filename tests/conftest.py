@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,3 +198,22 @@ def agents() -> Iterator[Callable[..., Agent]]:
     yield start
     for agent in started:
         agent.kill()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="lockfs-pub-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pair(public_dir: Path, mount_factory: Callable[..., Mount]) -> tuple[Mount, Path]:
+    """A mount of public_dir/src and a plain reference directory public_dir/ref."""
+    src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
+    for path in (src, dst, ref):
+        path.mkdir()
+        path.chmod(0o755)
+    return mount_factory(src, dst=dst), ref

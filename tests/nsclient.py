@@ -113,6 +113,17 @@ def client(mount: Mount, code: str, *, user: int | None = None, umask: int = 0o0
         wait_free(mount)
 
 
+def same_everywhere(pair: tuple[Mount, Path], code: str, *, user: int | None = None,
+                    umask: int = 0o022) -> object:
+    """Run ``code`` through the mount and in the reference; both must agree."""
+    mount, ref = pair
+    through_mount = client(mount, code, user=user, umask=umask)
+    plain = run_snippet(ref, code, user=user, umask=umask)
+    assert through_mount == plain
+    assert tree(mount.src) == tree(ref)
+    return through_mount
+
+
 def tree(root: Path) -> dict[str, tuple]:
     """Everything a user would compare between two directories, timestamps aside.
 

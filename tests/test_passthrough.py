@@ -10,48 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import Mount, require, wait_for
-from nsclient import NOBODY, client, run_snippet, tree
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory an unprivileged user can reach (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="lockfs-pt-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def pair(public_dir: Path, mount_factory: Callable[..., Mount]) -> tuple[Mount, Path]:
-    """A mount of public_dir/src and a plain reference directory public_dir/ref."""
-    src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
-    for path in (src, dst, ref):
-        path.mkdir()
-        path.chmod(0o755)
-    return mount_factory(src, dst=dst), ref
-
-
-def same_everywhere(pair: tuple[Mount, Path], code: str, *, user: int | None = None,
-                    umask: int = 0o022) -> object:
-    """Run ``code`` through the mount and in the reference; both must agree."""
-    mount, ref = pair
-    through_mount = client(mount, code, user=user, umask=umask)
-    plain = run_snippet(ref, code, user=user, umask=umask)
-    assert through_mount == plain
-    assert tree(mount.src) == tree(ref)
-    return through_mount
-
+from nsclient import NOBODY, client, run_snippet, same_everywhere
 
 # ------------------------------------------------------------------ metadata
 
@@ -516,6 +483,40 @@ result = {name: info(name) for name in ("file", "dir", "link", "fifo", "sock", "
     for name in ("setgid/file", "setgid/dir", "setgid/dir/deeper"):
         assert result[name]["gid"] == 4242, name
     assert os.stat(mount.src / "setgid" / "dir").st_mode & stat.S_ISGID
+
+
+SET_ID_FILES = {"suid": 0o4755, "sgid": 0o2755, "sgid-noexec": 0o2745, "both": 0o6755}
+TRUNCATING_OPENS = """
+# Open and close only: a write() would clear the bits on its own way.
+for name in sorted(NAMES):
+    os.close(os.open(name, os.O_WRONLY | os.O_TRUNC))
+# create() of an existing name, with O_TRUNC
+os.close(os.open("created-over", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+result = {name: oct(os.stat(name).st_mode) for name in sorted(NAMES) + ["created-over"]}
+"""
+
+
+@pytest.mark.parametrize("user", [NOBODY, 0], ids=["unprivileged", "root"])
+def test_truncating_open_clears_set_id_bits_as_the_backing_store(
+        pair: tuple[Mount, Path], user: int) -> None:
+    """open(O_TRUNC) by a caller without CAP_FSETID clears set-user-ID, and
+    set-group-ID where group execute is set; root's keeps them. (Found by
+    test_differential.py: through FUSE the daemon has to do it.)"""
+    mount, ref = pair
+    names = {**SET_ID_FILES, "created-over": 0o4755}
+    for root in (mount.src, ref):
+        root.chmod(0o777)
+        for name, mode in names.items():
+            (root / name).write_text("old")
+            os.chown(root / name, NOBODY, NOBODY)
+            (root / name).chmod(mode)
+    code = TRUNCATING_OPENS.replace("NAMES", repr(list(SET_ID_FILES)))
+    result = same_everywhere(pair, code, user=user)
+    if user == NOBODY:
+        assert result["both"] == oct(stat.S_IFREG | 0o755)
+        assert result["sgid-noexec"] == oct(stat.S_IFREG | 0o2745)
+    else:
+        assert result["both"] == oct(stat.S_IFREG | 0o6755)
 
 
 def test_fsync_fdatasync_and_fsyncdir_reach_the_backing_store(mounted: Mount) -> None:

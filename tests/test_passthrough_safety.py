@@ -16,8 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
@@ -28,16 +27,6 @@ from nsclient import EPILOGUE, PRELUDE, client, daemon_fds, wait_free
 
 from lockfs.inodes import FOREIGN_BASE, InodeTable
 from lockfs.ops import Operations
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A scratch directory outside pytest's root-only tmp_path."""
-    path = Path(tempfile.mkdtemp(prefix="lockfs-safe-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 # ------------------------------------------------------------------ escape attempt
 

@@ -72,6 +72,7 @@ from lockfs.inodes import ROOT_INODE, Inode, InodeTable
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = b"user.lockfs.status"
+CAP_FSETID = 4  # linux/capability.h
 ACL_ACCESS_XATTR = b"system.posix_acl_access"
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags the backing open must not see: creation is done by create(), O_NOFOLLOW
@@ -488,8 +489,8 @@ class Operations(pyfuse3.Operations):
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_CLOEXEC
 
-    def _open_backing(self, path: str | bytes, flags: int, dir_fd: int | None = None,
-                      extra: int = 0) -> tuple[int, bool]:
+    def _open_backing(self, path: str | bytes, flags: int, ctx: RequestContext,
+                      dir_fd: int | None = None, extra: int = 0) -> tuple[int, bool]:
         """Open a backing file for a FUSE open; True when its writes must skip the page cache.
 
         An append-only file (chattr +a) refuses the read-write, non-append
@@ -498,18 +499,25 @@ class Operations(pyfuse3.Operations):
         land as appends, as they do natively.
         """
         try:
-            return os.open(path, self._backing_flags(flags) | extra, dir_fd=dir_fd), False
+            fd, direct = os.open(path, self._backing_flags(flags) | extra, dir_fd=dir_fd), False
         except PermissionError:
             if not (self.enable_writeback_cache and flags & os.O_APPEND):
                 raise
-        asked = (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC | extra
-        return os.open(path, asked, dir_fd=dir_fd), True
+            asked = (flags & ~OPEN_FLAGS_DROPPED) | os.O_CLOEXEC | extra
+            fd, direct = os.open(path, asked, dir_fd=dir_fd), True
+        if flags & os.O_TRUNC:
+            try:
+                _drop_set_id_bits_after_truncate(fd, ctx.pid)
+            except OSError:
+                os.close(fd)
+                raise
+        return fd, direct
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         token = self.gate.admit(ctx, "open")
         entry = self.table.get(inode)
-        fd, direct = self._open_backing(proc_path(entry.fd), flags)
+        fd, direct = self._open_backing(proc_path(entry.fd), flags, ctx)
         self.gate.handle_opened(token, fd)
         return self._file_info(fd, entry, flags, direct)
 
@@ -526,7 +534,7 @@ class Operations(pyfuse3.Operations):
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd, direct = self._open_backing(name, flags, parent.fd, os.O_NOFOLLOW)
+            fd, direct = self._open_backing(name, flags, ctx, parent.fd, os.O_NOFOLLOW)
         else:
             try:
                 self._give_to_caller(parent, name, ctx)
@@ -698,6 +706,34 @@ class Operations(pyfuse3.Operations):
             if exc.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+
+def _drop_set_id_bits_after_truncate(fd: int, pid: int) -> None:
+    """Clear set-user-ID (and set-group-ID with group execute) after an open(O_TRUNC).
+
+    A truncation by a caller without CAP_FSETID clears them natively. Through
+    FUSE with atomic O_TRUNC the kernel hands that job to the daemon and then
+    drops the mode change it computed (fuse_do_setattr skips ATTR_OPEN), and
+    the daemon's own truncation, as root, keeps the bits.
+    """
+    st = os.fstat(fd)
+    kill = st.st_mode & stat.S_ISUID
+    if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill and stat.S_ISREG(st.st_mode) and not _has_capability(pid, CAP_FSETID):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+
+
+def _has_capability(pid: int, capability: int) -> bool:
+    """Whether thread ``pid`` has ``capability`` in its effective set (False if unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> capability & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _supplementary_groups(pid: int) -> list[int]:
