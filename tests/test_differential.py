@@ -4,7 +4,7 @@ Why: the single-operation tests check what their authors thought of; a
 random mix finds what comes out of sequences (a name that is a file, then a
 directory, then a symlink; a directory whose mode forbids what comes next;
 renames over and between all of them). Each program runs as one client, as
-``nobody``, once through lockfs and once in a plain directory of the same
+``nobody`` (or root), once through lockfs and once in a plain directory of the same
 filesystem; every step's result (value or errno) and the final trees must be
 the same. Seeds are fixed, so a failure names the program that shows it.
 """
@@ -21,7 +21,7 @@ from conftest import Mount
 from nsclient import NOBODY, client, run_snippet, tree
 
 STEPS = 250
-SEEDS = range(16)
+CASES = [(seed, NOBODY) for seed in range(16)] + [(seed, 0) for seed in range(100, 106)]
 
 NAMES = ("a", "b", "c", "d", "d/e", "d/f", "d/g", "d/g/h", "s", "d/s")
 FILE_NAMES = ("a", "b", "d/e", "d/f", "d/g/h", "d/s", "s")  # usually made as files
@@ -41,6 +41,7 @@ ACCESS = (os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK)
 RENAME_FLAGS = (0, 0, 1, 2)  # plain twice as often; RENAME_NOREPLACE; RENAME_EXCHANGE
 XATTR_FLAGS = (0, os.XATTR_CREATE, os.XATTR_REPLACE)
 TIME_NS = 1_500_000_000_123_456_789
+OWNERS = (-1, 65534, 0, 4242)  # -1: unchanged; nobody; root; a stranger
 
 EXECUTOR = r"""
 PROGRAM = json.loads(PROGRAM_JSON)
@@ -49,7 +50,7 @@ def kind_and_mode(st):
     is_dir = stat.S_ISDIR(st.st_mode)
     # Directory sizes and link counts depend on the filesystem's history of the
     # directory, not on the passthrough: compared through the final trees instead.
-    return [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+    return [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
             None if is_dir else st.st_size, None if is_dir else st.st_nlink]
 
 def step(op, *a):
@@ -100,6 +101,19 @@ def step(op, *a):
         return os.stat(a[0]).st_mtime_ns
     if op == "access":
         return os.access(a[0], a[1])
+    if op == "chown":
+        return os.chown(a[0], a[1], a[2], follow_symlinks=False)
+    if op == "handle":  # several calls on one open handle
+        fd = os.open(a[0], os.O_RDWR | os.O_NONBLOCK)
+        try:
+            os.pwrite(fd, a[1].encode(), a[2])
+            os.ftruncate(fd, a[3])
+            os.fchmod(fd, a[4])
+            return [os.pread(fd, 8192, 0).decode(errors="replace"), os.fstat(fd).st_size]
+        finally:
+            os.close(fd)
+    if op == "mksock":
+        return os.mknod(a[0], stat.S_IFSOCK | 0o644)
     raise ValueError(op)
 
 results = []
@@ -140,6 +154,10 @@ def program(seed: int) -> list[list[object]]:
         "mkfifo": lambda: [name(FILE_NAMES)],
         "utime": lambda: [name(), TIME_NS],
         "access": lambda: [name(), rng.choice(ACCESS)],
+        "chown": lambda: [name(), rng.choice(OWNERS), rng.choice(OWNERS)],
+        "handle": lambda: [name(FILE_NAMES), rng.choice(("y", "abc" * 50)),
+                           rng.choice(SIZES), rng.choice(SIZES), rng.choice(MODES)],
+        "mksock": lambda: [name(FILE_NAMES)],
     }
     # Creating steps more often than the others, so that names exist to act on.
     weights = {"write": 8, "mkdir": 3, "symlink": 2, "rename": 3, "stat": 3, "read": 3,
@@ -150,17 +168,18 @@ def program(seed: int) -> list[list[object]]:
     return start + [[kind, *makers[kind]()] for kind in chosen]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(("seed", "user"), CASES,
+                         ids=[f"{seed}-{'nobody' if user else 'root'}" for seed, user in CASES])
 def test_random_program_gives_the_same_results_and_tree(
-        seed: int, pair: tuple[Mount, Path]) -> None:
+        seed: int, user: int, pair: tuple[Mount, Path]) -> None:
     """Every step of a random program answers as on the backing store, and leaves
     the same tree (modes, owners, sizes, links, contents, xattrs)."""
     mount, ref = pair
     for root in (mount.src, ref):
         os.chown(root, NOBODY, NOBODY)
     code = EXECUTOR.replace("PROGRAM_JSON", repr(json.dumps(program(seed))))
-    through_mount = client(mount, code, user=NOBODY)
-    plain = run_snippet(ref, code, user=NOBODY)
+    through_mount = client(mount, code, user=user)
+    plain = run_snippet(ref, code, user=user)
     for mine, theirs in zip(through_mount, plain, strict=True):
         assert mine == theirs, f"seed {seed}: through lockfs {mine}, plain directory {theirs}"
     assert tree(mount.src) == tree(ref)
