@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,14 @@ from conftest import Mount
 from nsclient import NOBODY, client, run_snippet, tree
 
 STEPS = 250
-CASES = [(seed, NOBODY) for seed in range(16)] + [(seed, 0) for seed in range(100, 106)]
+# (seed, user, mount options). LOCKFS_DIFFERENTIAL_SEEDS=N adds N more seeds
+# (alternating nobody and root, with and without the writeback cache) for a
+# longer hunt by hand.
+CASES = ([(seed, NOBODY, ()) for seed in range(16)]
+         + [(seed, 0, ()) for seed in range(100, 106)]
+         + [(seed, NOBODY, ("-o", "writeback_cache")) for seed in range(200, 204)]
+         + [(seed, NOBODY if seed % 2 else 0, ("-o", "writeback_cache") if seed % 4 > 1 else ())
+            for seed in range(1000, 1000 + int(os.environ.get("LOCKFS_DIFFERENTIAL_SEEDS", 0)))])
 
 NAMES = ("a", "b", "c", "d", "d/e", "d/f", "d/g", "d/g/h", "s", "d/s")
 FILE_NAMES = ("a", "b", "d/e", "d/f", "d/g/h", "d/s", "s")  # usually made as files
@@ -112,6 +120,13 @@ def step(op, *a):
             return [os.pread(fd, 8192, 0).decode(errors="replace"), os.fstat(fd).st_size]
         finally:
             os.close(fd)
+    if op == "pappend":  # pwrite on an O_APPEND descriptor appends on Linux
+        fd = os.open(a[0], os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        try:
+            os.pwrite(fd, a[1].encode(), 0)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
     if op == "mksock":
         return os.mknod(a[0], stat.S_IFSOCK | 0o644)
     raise ValueError(op)
@@ -158,6 +173,7 @@ def program(seed: int) -> list[list[object]]:
         "handle": lambda: [name(FILE_NAMES), rng.choice(("y", "abc" * 50)),
                            rng.choice(SIZES), rng.choice(SIZES), rng.choice(MODES)],
         "mksock": lambda: [name(FILE_NAMES)],
+        "pappend": lambda: [name(FILE_NAMES), rng.choice(("z", "tail" * 20))],
     }
     # Creating steps more often than the others, so that names exist to act on.
     weights = {"write": 8, "mkdir": 3, "symlink": 2, "rename": 3, "stat": 3, "read": 3,
@@ -168,20 +184,26 @@ def program(seed: int) -> list[list[object]]:
     return start + [[kind, *makers[kind]()] for kind in chosen]
 
 
-@pytest.mark.parametrize(("seed", "user"), CASES,
-                         ids=[f"{seed}-{'nobody' if user else 'root'}" for seed, user in CASES])
+@pytest.mark.parametrize(("seed", "user", "options"), CASES,
+                         ids=[f"{seed}-{'nobody' if user else 'root'}{'-wb' if options else ''}"
+                              for seed, user, options in CASES])
 def test_random_program_gives_the_same_results_and_tree(
-        seed: int, user: int, pair: tuple[Mount, Path]) -> None:
+        seed: int, user: int, options: tuple[str, ...], public_dir: Path,
+        mount_factory: Callable[..., Mount]) -> None:
     """Every step of a random program answers as on the backing store, and leaves
     the same tree (modes, owners, sizes, links, contents, xattrs)."""
-    mount, ref = pair
-    for root in (mount.src, ref):
+    src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
+    for path in (src, dst, ref):
+        path.mkdir()
+        path.chmod(0o755)
+    mount = mount_factory(src, *options, dst=dst)
+    for root in (src, ref):
         os.chown(root, NOBODY, NOBODY)
     code = EXECUTOR.replace("PROGRAM_JSON", repr(json.dumps(program(seed))))
     through_mount = client(mount, code, user=user)
     plain = run_snippet(ref, code, user=user)
     for mine, theirs in zip(through_mount, plain, strict=True):
         assert mine == theirs, f"seed {seed}: through lockfs {mine}, plain directory {theirs}"
-    assert tree(mount.src) == tree(ref)
+    assert tree(src) == tree(ref)
     failed = sum(str(row[-1]).startswith("errno ") for row in plain)
     assert 0 < failed < len(plain), "a program whose steps all fail (or all succeed) tests little"
