@@ -120,11 +120,25 @@ class Identities:
             os.close(entry[1])
 
 
-def _field(status: bytes, name: bytes) -> int | None:
+def _field(status: bytes, name: bytes, base: int = 10) -> int | None:
     for line in status.splitlines():
         if line.startswith(name):
-            return int(line[len(name):].strip())
+            return int(line[len(name):].strip(), base)
     return None
+
+
+def has_capability(pid: int, capability: int, proc: str = "/proc") -> bool:
+    """Whether thread ``pid`` has ``capability`` in its effective set (False if unknown).
+
+    Read at each call, never cached with the identity: a process may drop
+    capabilities during its life.
+    """
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as status:
+            effective = _field(status.read(), b"CapEff:", 16)
+    except (OSError, ValueError):
+        return False
+    return effective is not None and bool(effective >> capability & 1)
 
 
 def _has_exited(pidfd: int) -> bool:

@@ -67,6 +67,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
 
 from lockfs import syscalls
+from lockfs.identity import has_capability
 from lockfs.inodes import ROOT_INODE, Inode, InodeTable
 
 log = logging.getLogger(__name__)
@@ -720,20 +721,8 @@ def _drop_set_id_bits_after_truncate(fd: int, pid: int) -> None:
     kill = st.st_mode & stat.S_ISUID
     if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP:
         kill |= stat.S_ISGID
-    if kill and stat.S_ISREG(st.st_mode) and not _has_capability(pid, CAP_FSETID):
+    if kill and stat.S_ISREG(st.st_mode) and not has_capability(pid, CAP_FSETID):
         os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
-
-
-def _has_capability(pid: int, capability: int) -> bool:
-    """Whether thread ``pid`` has ``capability`` in its effective set (False if unknown)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> capability & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 def _supplementary_groups(pid: int) -> list[int]:
