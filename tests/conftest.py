@@ -56,6 +56,18 @@ def lockfs(*args: str, check: bool = False, timeout: float = 60) -> subprocess.C
                           timeout=timeout)
 
 
+def child_of(pid: int) -> int:
+    """The first child of ``pid`` (the process ``unshare --fork`` started)."""
+    def child() -> int:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as children:
+                pids = children.read().split()
+        except OSError:
+            return 0
+        return int(pids[0]) if pids else 0
+    return int(wait_for(child, 10, f"a child of {pid}"))  # type: ignore[arg-type]
+
+
 class Mount:
     """A running lockfs mount of ``src`` at ``dst``, logging to ``log``."""
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mount, require, wait_for
+from conftest import Mount, child_of, require, wait_for
 
 AS_POSTGRES = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
 CONTAINER = ["unshare", "--ipc", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
@@ -95,14 +95,7 @@ class Postmaster:
 
     def inner_pid(self) -> int:
         """The postmaster's pid as the host sees it (PID 1 of its namespace)."""
-        def child() -> int:
-            try:
-                with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
-                    pids = f.read().split()
-            except OSError:
-                return 0
-            return int(pids[0]) if pids else 0
-        return int(wait_for(child, 10, "the postmaster process of the namespace"))  # type: ignore[arg-type]
+        return child_of(self.process.pid)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait for "ready to accept connections"; fail with the log if it exited first."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOCKFS, Mount, _mounted, lockfs, require, run_in_ns, wait_for
+from conftest import LOCKFS, Mount, _mounted, child_of, lockfs, require, run_in_ns, wait_for
 from dockerutil import Docker, PgContainer, initdb_in_container
 from pgutil import EBUSY_TEXT, READY, PgEnv, owned_dir
 
@@ -122,18 +122,6 @@ def test_two_containers_on_plain_directory_both_start(docker: Docker, pg: PgEnv,
 
 
 # ------------------------------------------------------------- containers made with unshare
-
-
-def child_of(pid: int) -> int:
-    """The first child of ``pid`` (the process ``unshare --fork`` started)."""
-    def child() -> int:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as children:
-                pids = children.read().split()
-        except OSError:
-            return 0
-        return int(pids[0]) if pids else 0
-    return int(wait_for(child, 10, f"a child of {pid}"))  # type: ignore[arg-type]
 
 
 def runtime_container(volume: Path, inside: Path, script: str) -> list[str]:
