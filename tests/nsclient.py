@@ -84,15 +84,26 @@ result = None
 EPILOGUE = "\nprint(json.dumps(result))\n"
 
 
-def run_snippet(where: Path, code: str, *, user: int | None = None, umask: int = 0o022,
-                timeout: float = 180) -> Any:
-    """Run ``code`` in a new mount namespace with cwd ``where``; return its ``result``."""
+def snippet_command(where: Path, code: str, *, user: int | None = None,
+                    umask: int = 0o022) -> list[str]:
+    """The command that runs ``code`` in a new mount namespace with cwd ``where``."""
     command = ["unshare", "-m"]
     if user is not None:
         command += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    command += [CLIENT_PYTHON, "-c", PRELUDE + code + EPILOGUE, str(where), oct(umask)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return [*command, CLIENT_PYTHON, "-c", PRELUDE + code + EPILOGUE, str(where), oct(umask)]
+
+
+def start_snippet(where: Path, code: str) -> subprocess.Popen[str]:
+    """Start ``code`` as a client that a test talks to line by line (stdin, stdout)."""
+    return subprocess.Popen(snippet_command(where, code), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def run_snippet(where: Path, code: str, *, user: int | None = None, umask: int = 0o022,
+                timeout: float = 180) -> Any:
+    """Run ``code`` in a new mount namespace with cwd ``where``; return its ``result``."""
+    done = subprocess.run(snippet_command(where, code, user=user, umask=umask),
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise AssertionError(f"client failed ({done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.splitlines()[-1])

@@ -23,7 +23,7 @@ import pyfuse3
 import pytest
 import trio
 from conftest import LOCKFS, Agent, Mount, require, wait_for
-from nsclient import EPILOGUE, PRELUDE, client, daemon_fds, wait_free
+from nsclient import client, daemon_fds, start_snippet, wait_free
 
 from lockfs.inodes import FOREIGN_BASE, InodeTable
 from lockfs.ops import Operations
@@ -258,10 +258,7 @@ def test_listing_replies_with_the_object_a_name_leads_to_now(mounted: Mount) -> 
     names = os.listdir(directory)  # the backing store's order: the snapshot's order
     target = names[-1]  # sent in the listing's last batch
     code = LISTING_CLIENT.replace("sys.argv[3]", repr(target))
-    lister = subprocess.Popen(
-        ["unshare", "-m", "/usr/bin/python3", "-c", PRELUDE + code + EPILOGUE,
-         str(mounted.dst / "d"), "0o22"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lister = start_snippet(mounted.dst / "d", code)
     assert lister.stdin is not None and lister.stdout is not None
     try:
         assert lister.stdout.readline() == "listing\n"
@@ -508,10 +505,7 @@ def test_a_hanging_fsync_does_not_stall_the_daemon(
     """
     inner = mount_factory()
     outer = mount_factory(inner.dst, "--lockfile", str(tmp_path / "outer.lease"))
-    fsyncing = subprocess.Popen(
-        ["unshare", "-m", "/usr/bin/python3", "-c", PRELUDE + SLOW_FSYNC_CLIENT + EPILOGUE,
-         str(outer.dst), "0o22"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    fsyncing = start_snippet(outer.dst, SLOW_FSYNC_CLIENT)
     assert fsyncing.stdin is not None and fsyncing.stdout is not None
     try:
         assert fsyncing.stdout.readline() == "ready\n"
