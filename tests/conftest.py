@@ -221,11 +221,17 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def pair(public_dir: Path, mount_factory: Callable[..., Mount]) -> tuple[Mount, Path]:
+def mount_with_reference(public_dir: Path, mount_factory: Callable[..., Mount],
+                         *options: str) -> tuple[Mount, Path]:
     """A mount of public_dir/src and a plain reference directory public_dir/ref."""
     src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
     for path in (src, dst, ref):
         path.mkdir()
         path.chmod(0o755)
-    return mount_factory(src, dst=dst), ref
+    return mount_factory(src, *options, dst=dst), ref
+
+
+@pytest.fixture
+def pair(public_dir: Path, mount_factory: Callable[..., Mount]) -> tuple[Mount, Path]:
+    """A mount with default options and its plain reference directory."""
+    return mount_with_reference(public_dir, mount_factory)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mount
+from conftest import Mount, mount_with_reference
 from nsclient import NOBODY, client, run_snippet, tree
 
 STEPS = 250
@@ -192,11 +192,8 @@ def test_random_program_gives_the_same_results_and_tree(
         mount_factory: Callable[..., Mount]) -> None:
     """Every step of a random program answers as on the backing store, and leaves
     the same tree (modes, owners, sizes, links, contents, xattrs)."""
-    src, dst, ref = public_dir / "src", public_dir / "dst", public_dir / "ref"
-    for path in (src, dst, ref):
-        path.mkdir()
-        path.chmod(0o755)
-    mount = mount_factory(src, *options, dst=dst)
+    mount, ref = mount_with_reference(public_dir, mount_factory, *options)
+    src = mount.src
     for root in (src, ref):
         os.chown(root, NOBODY, NOBODY)
     code = EXECUTOR.replace("PROGRAM_JSON", repr(json.dumps(program(seed))))
